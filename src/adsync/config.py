@@ -1,0 +1,132 @@
+"""Settings, from the environment and ``.env`` only.
+
+Names stay compatible with the first script (``AD_PLATFORM_*``, ``DATABASE_URL``).
+Secrets are ``SecretStr`` so that no ``repr``, log line or error message shows them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from adsync.errors import ConfigError
+
+DEFAULT_DATABASE_URL = "sqlite:///adsync.db"
+
+
+def _env(name: str) -> Any:
+    return Field(validation_alias=AliasChoices(name, name.lower()))
+
+
+class Settings(BaseSettings):
+    """Everything adsync needs to sync one account."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
+    )
+
+    api_url: str = Field(default="http://127.0.0.1:3001", validation_alias="AD_PLATFORM_API_URL")
+    email: str = Field(validation_alias="AD_PLATFORM_EMAIL", min_length=3)
+    password: SecretStr = Field(validation_alias="AD_PLATFORM_PASSWORD")
+    client_id: str = Field(
+        default="default", validation_alias="AD_PLATFORM_CLIENT_ID", min_length=1, max_length=128
+    )
+    rate_limit: int = Field(default=10, validation_alias="AD_PLATFORM_RATE_LIMIT", ge=1)
+    rate_window: float = Field(default=60.0, validation_alias="AD_PLATFORM_RATE_WINDOW", gt=0)
+    rate_margin: float = Field(
+        default=0.01, validation_alias="AD_PLATFORM_RATE_MARGIN", ge=0, le=0.5
+    )
+    page_size: int = Field(default=10, validation_alias="AD_PLATFORM_PAGE_SIZE", ge=1, le=1000)
+    max_pages: int = Field(default=10_000, validation_alias="AD_PLATFORM_MAX_PAGES", ge=1)
+    connect_timeout: float = Field(
+        default=5.0, validation_alias="AD_PLATFORM_CONNECT_TIMEOUT", gt=0
+    )
+    request_timeout: float = Field(
+        default=15.0, validation_alias="AD_PLATFORM_REQUEST_TIMEOUT", gt=0
+    )
+    request_deadline: float = Field(
+        default=30.0, validation_alias="AD_PLATFORM_REQUEST_DEADLINE", gt=0
+    )
+    max_attempts: int = Field(default=8, validation_alias="AD_PLATFORM_MAX_ATTEMPTS", ge=1)
+    retry_budget_seconds: float = Field(
+        default=600.0, validation_alias="AD_PLATFORM_RETRY_BUDGET_SECONDS", gt=0
+    )
+    backoff_initial: float = Field(
+        default=1.0, validation_alias="AD_PLATFORM_BACKOFF_INITIAL", ge=0
+    )
+    backoff_max: float = Field(default=30.0, validation_alias="AD_PLATFORM_BACKOFF_MAX", ge=0)
+    token_refresh_margin: float = Field(
+        default=60.0, validation_alias="AD_PLATFORM_TOKEN_REFRESH_MARGIN", ge=0
+    )
+    max_concurrency: int = Field(
+        default=32, validation_alias="AD_PLATFORM_MAX_CONCURRENCY", ge=1, le=1000
+    )
+    # Keep the rate budget's sends in the database too, so that every process
+    # syncing this client id (and a restarted one) shares one window.
+    shared_budget: bool = Field(default=True, validation_alias="AD_PLATFORM_SHARED_BUDGET")
+    database_url: SecretStr = Field(
+        default=SecretStr(DEFAULT_DATABASE_URL), validation_alias="DATABASE_URL"
+    )
+
+    @field_validator("api_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("database_url")
+    @classmethod
+    def _db_url(cls, value: SecretStr) -> SecretStr:
+        raw = value.get_secret_value()
+        if not raw.startswith(("sqlite:", "postgresql:", "postgresql+", "postgres:")):
+            raise ValueError("must be sqlite:///PATH or postgresql://USER@HOST/DB")
+        return value
+
+    def concurrency(self) -> int:
+        """How many requests may be in flight at once.
+
+        A sliding window lets ``rate_limit`` requests go out together, and each
+        request may hold its worker for up to ``request_timeout`` (a hang), so
+        that many more keep the window's free slots busy meanwhile; capped.
+        """
+        held = math.ceil(self.rate_limit * self.request_timeout / self.rate_window)
+        return max(1, min(self.max_concurrency, self.rate_limit + held))
+
+
+# The environment variable behind each field, for error messages.
+ENV_NAMES: dict[str, str] = {
+    name: str(field.validation_alias)
+    for name, field in Settings.model_fields.items()
+    if isinstance(field.validation_alias, str)
+}
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming each bad setting by its environment variable, never its value."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = str(err["loc"][0]) if err["loc"] else "?"
+        name = ENV_NAMES.get(loc, loc)
+        msg = "is not set" if err["type"] == "missing" else str(err["msg"]).lower()
+        parts.append(f"{name} {msg}")
+    return "invalid configuration: " + "; ".join(parts)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment and ``.env``; raise :class:`ConfigError`."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+
+
+def sqlalchemy_url(database_url: str) -> str:
+    """Map a user-facing database URL to the driver adsync ships (psycopg 3)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if database_url.startswith(prefix):
+            return "postgresql+psycopg://" + database_url[len(prefix) :]
+    return database_url

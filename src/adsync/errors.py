@@ -1,0 +1,78 @@
+"""The one error tree of adsync.
+
+AdsyncError
+├── ConfigError            bad or missing settings (exit code 2)
+├── AuthError              the platform refused our credentials (exit code 3)
+├── PlatformError          the platform answered in a way we cannot use
+│   ├── TransientError     worth retrying: 5xx, timeout, connection error, invalid JSON
+│   │   └── RateLimited    429: the budget pauses, then the request is retried
+│   ├── PermanentError     not worth retrying: a 4xx other than 401/429
+│   └── PaginationError    the listing is inconsistent beyond what the guards can repair
+├── PayloadError           a campaign payload did not validate
+└── StoreError             the database failed (after retries)
+    ├── RunLocked          another live process holds this client's run (or took ours over)
+    └── AmbiguousRunId     a run id prefix matches more than one run
+
+Library errors (httpx, SQLAlchemy, pydantic) are translated into these only in the
+module that calls the library, always with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class AdsyncError(Exception):
+    """Base class of every error adsync raises on purpose."""
+
+
+class ConfigError(AdsyncError):
+    """A setting is missing or invalid."""
+
+
+class AuthError(AdsyncError):
+    """The platform refused the credentials."""
+
+
+class PlatformError(AdsyncError):
+    """The platform answered in a way we cannot use."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TransientError(PlatformError):
+    """A failure worth retrying: 5xx, timeout, connection error, invalid JSON."""
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class RateLimited(TransientError):
+    """The platform answered 429; ``retry_after`` is seconds from now when it said so."""
+
+
+class PermanentError(PlatformError):
+    """A failure that retrying cannot fix (4xx other than 401 and 429)."""
+
+
+class PaginationError(PlatformError):
+    """The campaign listing is inconsistent beyond what the guards can repair."""
+
+
+class PayloadError(AdsyncError):
+    """A campaign payload did not validate."""
+
+
+class StoreError(AdsyncError):
+    """The database failed, after retries."""
+
+
+class RunLocked(StoreError):
+    """Another live process holds the run lease for this client, or took ours over."""
+
+
+class AmbiguousRunId(StoreError):
+    """A run id prefix matches more than one run."""
