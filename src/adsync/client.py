@@ -1,0 +1,256 @@
+"""PlatformClient: every call to the platform goes through the rate budget,
+the token provider and the retry policy, over one injected ``httpx.AsyncClient``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import structlog
+from pydantic import ValidationError
+
+from adsync.auth import TokenProvider
+from adsync.clock import Clock
+from adsync.errors import AuthError, PermanentError, RateLimited, TransientError
+from adsync.models import Campaign, ListedItem, Page, PagePayload, SyncReceipt
+from adsync.ratelimit import RateBudget, Send
+from adsync.retry import RetryPolicy, RetryStats, parse_retry_after, retrying
+
+log = structlog.get_logger("adsync.client")
+
+
+@dataclass(slots=True)
+class ClientStats:
+    """Counts of what the client sent and heard, for run records and metrics."""
+
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    timeouts: int = 0
+    by_status: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestEvent:
+    """One attempt, as reported to observers (metrics): no secrets, bounded labels."""
+
+    endpoint: str  # "list" | "sync"
+    outcome: str  # HTTP status code, or "timeout" / "connection" / "invalid_json"
+    seconds: float
+
+
+def classify(response: httpx.Response, now_wall: float) -> Exception | None:
+    """Decide what a response means: ``None`` for success, else the error to raise."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return None
+    retry_after = parse_retry_after(response.headers.get("retry-after"), now_wall)
+    message = _error_text(response)
+    if status == 429:
+        return RateLimited(f"rate limited: {message}", status=status, retry_after=retry_after)
+    if status >= 500:
+        return TransientError(f"HTTP {status}: {message}", status=status, retry_after=retry_after)
+    if status in (401, 403):
+        return AuthError(f"HTTP {status}: {message}")
+    return PermanentError(f"HTTP {status}: {message}", status=status)
+
+
+def _error_text(response: httpx.Response) -> str:
+    # The platform's own error words only; headers (and so tokens) never.
+    try:
+        body = response.json()
+    except (ValueError, UnicodeDecodeError):
+        return response.reason_phrase or "no reason given"
+    if isinstance(body, dict):
+        parts = [str(body[k])[:200] for k in ("error", "message") if k in body]
+        if parts:
+            return " - ".join(parts)
+    return response.reason_phrase or "no reason given"
+
+
+def parse_page(body: Any) -> Page:
+    """Validate a listing page; each item separately, so one bad campaign sinks nothing."""
+    try:
+        payload = PagePayload.model_validate(body)
+    except ValidationError as exc:
+        raise TransientError(f"malformed campaign page: {exc.error_count()} problem(s)") from exc
+    items = []
+    for raw in payload.data:
+        raw_id = raw.get("id") if isinstance(raw, dict) else None
+        campaign_id = raw_id if isinstance(raw_id, str) and raw_id else None
+        try:
+            items.append(ListedItem(campaign_id, Campaign.from_payload(raw)))
+        except Exception as exc:  # noqa: BLE001 - any validation problem becomes data
+            items.append(ListedItem(campaign_id, None, str(exc)))
+    p = payload.pagination
+    return Page(p.page, p.limit, p.total, p.has_more, tuple(items))
+
+
+class PlatformClient:
+    """The platform's API for one account and client id."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        auth: TokenProvider,
+        budget: RateBudget,
+        clock: Clock,
+        client_id: str | None,
+        policy: RetryPolicy,
+        deadline: float = 30.0,
+        rng: random.Random | None = None,
+        observe: Callable[[RequestEvent], None] | None = None,
+    ) -> None:
+        self._http = http
+        self.auth = auth
+        self.budget = budget
+        self._clock = clock
+        self._client_id = client_id
+        self._policy = policy
+        self._deadline = deadline
+        self._rng = rng or random.Random()
+        self._observe = observe
+        self.stats = ClientStats()
+
+    async def list_page(self, page: int, limit: int) -> Page:
+        """One page of the campaign listing."""
+        body = await self._call(
+            "GET", "/api/campaigns", "list", params={"page": page, "limit": limit}
+        )
+        return parse_page(body)
+
+    async def sync_campaign(self, campaign_id: str) -> SyncReceipt:
+        """Ask the platform to sync one campaign (slow); success only on ``success: true``."""
+        path = f"/api/campaigns/{quote(campaign_id, safe='')}/sync"
+        body = await self._call("POST", path, "sync", json_body={"campaign_id": campaign_id})
+        if not isinstance(body, dict) or body.get("success") is not True:
+            raise TransientError("sync call did not report success")
+        synced_at = _parse_time(body.get("synced_at"), self._clock.wall())
+        return SyncReceipt(campaign_id=campaign_id, synced_at=synced_at)
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        endpoint: str,
+        *,
+        params: dict[str, Any] | None = None,
+        json_body: Any = None,
+    ) -> Any:
+        stats = RetryStats()
+
+        def on_retry(exc: BaseException, wait: float) -> None:
+            log.debug("retrying", endpoint=endpoint, error=str(exc), wait=round(wait, 3))
+
+        try:
+            async for attempt in retrying(self._policy, self._clock, self._rng, stats, on_retry):
+                with attempt:
+                    return await self._attempt(method, path, endpoint, params, json_body)
+        finally:
+            self.stats.retries += stats.retries
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    async def _attempt(
+        self,
+        method: str,
+        path: str,
+        endpoint: str,
+        params: dict[str, Any] | None,
+        json_body: Any,
+    ) -> Any:
+        refreshed = False
+        while True:
+            send, token = await self.budget.acquire(self.auth.get)
+            headers = {"Authorization": f"Bearer {token}"}
+            if self._client_id is not None:
+                headers["X-Client-ID"] = self._client_id
+            started = self._clock.monotonic()
+            self.stats.requests += 1
+
+            async def trace(event: str, info: dict[str, Any], send: Send = send) -> None:
+                if event == "http11.send_request_body.complete":
+                    self.budget.restamp(send, self._clock.monotonic())
+
+            try:
+                # httpx's timeouts bound each phase; the deadline bounds the whole
+                # request, so a server that trickles bytes cannot hold us forever.
+                async with asyncio.timeout(self._deadline):
+                    response = await self._http.request(
+                        method,
+                        path,
+                        params=params,
+                        json=json_body,
+                        headers=headers,
+                        extensions={"trace": trace},
+                    )
+            except (TimeoutError, httpx.TimeoutException) as exc:
+                self._record(endpoint, "timeout", started)
+                self.stats.timeouts += 1
+                raise TransientError(f"{endpoint} request timed out") from exc
+            except httpx.TransportError as exc:
+                self._record(endpoint, "connection", started)
+                raise TransientError(f"{endpoint} request failed: {type(exc).__name__}") from exc
+            error = classify(response, self._clock.wall())
+            if error is None:
+                try:
+                    body = json.loads(response.content)
+                except (ValueError, UnicodeDecodeError) as exc:
+                    self._record(endpoint, "invalid_json", started)
+                    raise TransientError(
+                        f"{endpoint}: invalid JSON in a {response.status_code} answer"
+                    ) from exc
+                self._record(endpoint, str(response.status_code), started)
+                return body
+            self._record(endpoint, str(response.status_code), started)
+            if isinstance(error, AuthError):
+                if refreshed:
+                    # A fresh token refused again: maybe invalidated by a newer login
+                    # elsewhere. Worth a retry with backoff, not an endless loop.
+                    raise TransientError(f"{endpoint}: token refused after refresh")
+                # Unauthenticated requests are not counted by the platform.
+                self.budget.forget(send)
+                self.auth.invalidate(token)
+                refreshed = True
+                continue
+            if isinstance(error, RateLimited):
+                self.stats.rate_limited += 1
+                change = self.budget.refused(send, error.retry_after)
+                log.warning(
+                    "rate limited by the platform",
+                    endpoint=endpoint,
+                    limit=self.budget.limit,
+                    learned=None if change is None else change.new,
+                    retry_after=error.retry_after,
+                )
+                raise error
+            raise error
+
+    def _record(self, endpoint: str, outcome: str, started: float) -> None:
+        seconds = self._clock.monotonic() - started
+        self.stats.by_status[f"{endpoint}:{outcome}"] += 1
+        if outcome not in ("timeout", "connection") and (endpoint == "list" or outcome == "429"):
+            # Quick answers time the round trip, which paces consecutive sends.
+            self.budget.observe_rtt(seconds)
+        if self._observe is not None:
+            self._observe(RequestEvent(endpoint, outcome, seconds))
+
+
+def _parse_time(value: object, fallback_wall: float) -> datetime:
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            parsed = None
+        if parsed is not None:
+            return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return datetime.fromtimestamp(fallback_wall, tz=UTC)

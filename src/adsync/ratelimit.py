@@ -1,0 +1,554 @@
+"""A client-side mirror of the platform's sliding-window rate limit, per client id.
+
+Hand-written on purpose: limiter libraries (aiolimiter, pyrate-limiter) pace a
+fixed rate but cannot be told "the platform refused this send, pause everyone
+until T and learn the real limit from what we sent", and that is the part that
+decides whether a run wastes quota. The state is a log of our own send times.
+
+Rules, in order of how often they matter:
+
+* Never more than ``limit`` sends in any trailing window. The window we keep is
+  the platform's plus a small margin, because our send stamp and the platform's
+  arrival stamp differ by network jitter.
+* Consecutive sends are a little apart: twice the platform's round trip (as
+  measured on quick answers), never more than ``window / limit``. A window's
+  sends still go out nearly together, which is what reaching the floor needs,
+  but if the configured limit is too high the first refusal comes back before
+  more than one further send has left, instead of a whole burst of 429s.
+* On a 429, the refused send is forgotten (the platform does not count it) and
+  every caller pauses until it is safe. If our own log covers a whole window
+  before the refusal, the number of our sends in it *is* the platform's limit and
+  it is adopted. If it does not (a process that starts right after another one
+  finds the window holding that process's sends), the count is adopted only
+  tentatively and the configured limit is probed again one window later.
+
+Several processes may send for the same client id (a mistaken second run, a
+crashed process whose calls still count, a restart right after another run). With
+a :class:`SharedSendLog` (the ``rate_sends`` table of the database adsync already
+uses), every send is first *reserved* in the log, in one transaction serialized per
+client id, against the sends of every owner together. Other owners' sends come back
+with each reservation and are kept beside ours (on our monotonic clock): they count
+towards the limit and the spacing, but a refusal is only ever learned from as a
+lower limit when our own sends are among those that filled the window. The log's
+stamp is taken under its lock and is the very moment our own log records, so the
+order of stamps is the order in which sends were admitted. Without a shared log
+(or while it cannot be reached) the budget is exactly the in-memory one above.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from itertools import chain
+from typing import Protocol, TypeVar
+
+import structlog
+
+from adsync.clock import Clock
+from adsync.errors import StoreError
+
+log = structlog.get_logger("adsync.ratelimit")
+
+T = TypeVar("T")
+
+# A margin that absorbs the difference between our send stamps and the
+# platform's millisecond arrival stamps: a fraction of the window, never less
+# than this many seconds.
+MIN_MARGIN_SECONDS = 0.01
+MAX_MARGIN_FRACTION = 0.05
+# A guess of the platform's round trip before the first quick answer is timed.
+INITIAL_RTT_SECONDS = 0.05
+MIN_SPACING_SECONDS = 0.002
+JITTER_FRACTION = 0.05
+
+
+@dataclass(slots=True)
+class Send:
+    """A reserved slot: when it was sent, for :meth:`RateBudget.refused`."""
+
+    stamp: float
+    # Its wall-clock stamp in the shared log, when it was logged there.
+    logged_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitChange:
+    """A change of the limit the budget enforces, for logs and tests."""
+
+    at: float
+    old: int
+    new: int
+    confirmed: bool
+
+
+# -- the log shared across processes ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A shared log's answer to one :meth:`SharedSendLog.reserve` (wall-clock seconds)."""
+
+    ok: bool
+    # Our send's stamp when ``ok``; otherwise the moment the log was looked at.
+    at: float
+    # The earliest moment the log would take a send (``at`` itself when ``ok``).
+    retry_at: float
+    # Every other owner's send after ``at - span``, ascending.
+    foreign: tuple[float, ...]
+
+
+class SharedSendLog(Protocol):
+    """The sends of each client id by every process, where all of them can see them."""
+
+    def reserve(
+        self,
+        client_id: str,
+        owner: str,
+        *,
+        now: Callable[[], float],
+        span: float,
+        limit: int,
+        spacing: float,
+    ) -> Reservation:
+        """Log a send at ``now()`` if all owners' sends together leave room, atomically.
+
+        ``now`` is read once the client id's log is locked, so stamps are in the
+        order sends were admitted. Raises :class:`~adsync.errors.StoreError` when
+        the log cannot be reached.
+        """
+        ...
+
+    def forget(self, client_id: str, owner: str, sent_at: float) -> None:
+        """Remove one of our sends that the platform did not count."""
+        ...
+
+
+def earliest_send(
+    stamps: Sequence[float], at: float, *, span: float, limit: int, spacing: float
+) -> float:
+    """The earliest moment from ``at`` on that a send may leave after ``stamps`` (ascending)."""
+    if stamps:
+        at = max(at, stamps[-1] + spacing)
+        live = [s for s in stamps if s > at - span]
+        if len(live) >= limit:
+            at = max(at, live[len(live) - limit] + span)
+    return at
+
+
+def decide_reservation(
+    sends: Sequence[tuple[float, str]],
+    owner: str,
+    now: float,
+    *,
+    span: float,
+    limit: int,
+    spacing: float,
+) -> Reservation:
+    """Whether ``owner`` may send at ``now``, given every owner's ``(stamp, owner)`` sends.
+
+    Sends stamped after ``now`` (another host's clock running ahead) count too.
+    """
+    ordered = sorted(sends)
+    free_at = earliest_send([s for s, _ in ordered], now, span=span, limit=limit, spacing=spacing)
+    foreign = tuple(s for s, o in ordered if o != owner and s > now - span)
+    return Reservation(ok=free_at <= now, at=now, retry_at=free_at, foreign=foreign)
+
+
+class InMemorySendLog:
+    """A :class:`SharedSendLog` in memory, for tests; thread-safe like the database one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sends: dict[str, list[tuple[float, str]]] = {}
+        self.reservations = 0
+
+    def reserve(
+        self,
+        client_id: str,
+        owner: str,
+        *,
+        now: Callable[[], float],
+        span: float,
+        limit: int,
+        spacing: float,
+    ) -> Reservation:
+        with self._lock:
+            at = now()
+            self.reservations += 1
+            sends = [s for s in self._sends.get(client_id, []) if s[0] > at - 2 * span]
+            decision = decide_reservation(
+                [s for s in sends if s[0] > at - span],
+                owner,
+                at,
+                span=span,
+                limit=limit,
+                spacing=spacing,
+            )
+            if decision.ok:
+                sends.append((at, owner))
+            self._sends[client_id] = sends
+            return decision
+
+    def forget(self, client_id: str, owner: str, sent_at: float) -> None:
+        with self._lock, contextlib.suppress(ValueError):
+            self._sends.get(client_id, []).remove((sent_at, owner))
+
+    def sends(self, client_id: str) -> list[tuple[float, str]]:
+        """The logged ``(stamp, owner)`` sends of a client id, oldest first."""
+        with self._lock:
+            return sorted(self._sends.get(client_id, []))
+
+
+# -- the budget --------------------------------------------------------------------
+
+
+class RateBudget:
+    """The sliding-window budget of one client id, shared by all its requests.
+
+    With ``shared`` (and the ``client_id`` and ``owner`` to log sends under), the
+    budget is also shared with every other process that logs there.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        window: float,
+        clock: Clock,
+        *,
+        margin_fraction: float = 0.01,
+        shared: SharedSendLog | None = None,
+        client_id: str | None = None,
+        owner: str | None = None,
+    ) -> None:
+        if limit < 1 or window <= 0:
+            raise ValueError("limit must be >= 1 and window > 0")
+        if shared is not None and (client_id is None or owner is None):
+            raise ValueError("a shared send log needs the client_id and owner to log under")
+        self.configured_limit = limit
+        self.window = window
+        self._clock = clock
+        self._margin_fraction = margin_fraction
+        self._limit = limit
+        self._confirmed = False
+        self._probe_at: float | None = None
+        self._sends: deque[float] = deque()
+        self._paused_until = float("-inf")
+        self._history_start: float | None = None
+        self._lock = asyncio.Lock()
+        self._rtt = INITIAL_RTT_SECONDS
+        self._last_change_at = float("-inf")
+        self.changes: list[LimitChange] = []
+        self.waited_seconds = 0.0
+        self.refusals = 0
+        self._shared = shared
+        self._client_id = client_id or ""
+        self._owner = owner or ""
+        # Other owners' sends, on our monotonic clock, ascending.
+        self._foreign: deque[float] = deque()
+        # The shared log refused a send until then (monotonic).
+        self._log_busy_until = float("-inf")
+        # The shared log failed: use only our own log until then (monotonic).
+        self._log_down_until = float("-inf")
+        self._forgetting: set[asyncio.Task[None]] = set()
+        self.shared_failures = 0
+
+    # -- what the budget knows -------------------------------------------------
+
+    @property
+    def limit(self) -> int:
+        """The limit enforced now (learned, or configured)."""
+        return self._limit
+
+    @property
+    def span(self) -> float:
+        """The window we keep: the platform's plus the safety margin."""
+        return self.window + max(self.window * self._margin_fraction, MIN_MARGIN_SECONDS)
+
+    @property
+    def spacing(self) -> float:
+        """The least time between two consecutive sends."""
+        return min(self.span / self._limit, max(MIN_SPACING_SECONDS, 2 * self._rtt))
+
+    def observe_rtt(self, seconds: float) -> None:
+        """Learn the round trip from a quick answer (a listing, a refusal)."""
+        if seconds > 0:
+            self._rtt = 0.7 * self._rtt + 0.3 * seconds
+
+    @property
+    def paused_until(self) -> float:
+        return self._paused_until
+
+    def in_window(self, now: float) -> int:
+        """How many of our sends are still inside the kept window at ``now``."""
+        return sum(1 for s in self._sends if s > now - self.span)
+
+    def foreign_in_window(self, now: float) -> int:
+        """How many other owners' sends (from the shared log) are inside the kept window."""
+        return sum(1 for s in self._foreign if s > now - self.span)
+
+    def next_free_at(self, now: float) -> float:
+        """The earliest time a send is allowed (ends a due probe, changes nothing else).
+
+        Counts our sends and the other owners' sends the shared log told us about.
+        """
+        self._maybe_end_probe(now)
+        stamps: Sequence[float] = self._sends
+        if self._foreign:
+            stamps = sorted(chain(self._sends, self._foreign))
+        return earliest_send(
+            stamps,
+            max(now, self._paused_until),
+            span=self.span,
+            limit=self._limit,
+            spacing=self.spacing,
+        )
+
+    def seconds_for(self, requests: int, now: float | None = None) -> float:
+        """How long ``requests`` more sends take at the enforced limit (for an ETA)."""
+        if requests <= 0:
+            return 0.0
+        now = self._clock.monotonic() if now is None else now
+        start = self.next_free_at(now)
+        return (start - now) + ((requests - 1) // self._limit) * self.span
+
+    # -- taking a slot ---------------------------------------------------------
+
+    async def acquire(self, prepare: Callable[[], Awaitable[T]]) -> tuple[Send, T]:
+        """Wait for a free slot, run ``prepare`` inside it, and record the send.
+
+        ``prepare`` runs while the slot is held (it fetches the token), so a
+        request that queued for a long time never leaves with a stale token.
+        Waiters are served in arrival order (``asyncio.Lock`` is fair).
+        """
+        async with self._lock:
+            while True:
+                await self._wait_turn()
+                value = await prepare()
+                reservation = await self._reserve()
+                if reservation is None:
+                    stamp, logged_at = self._clock.monotonic(), None
+                    break
+                if reservation.ok:
+                    # The log's stamp, moved to our clock: one moment in both logs.
+                    stamp, logged_at = reservation.at - self._wall_offset(), reservation.at
+                    break
+                # Another process took the slot first: wait for the next one.
+            self._prune(stamp)
+            self._sends.append(stamp)
+            if self._history_start is None:
+                self._history_start = stamp
+            return Send(stamp, logged_at), value
+
+    async def flush(self) -> None:
+        """Wait until every send given back (:meth:`forget`) has left the shared log."""
+        while self._forgetting:
+            await asyncio.gather(*list(self._forgetting))
+
+    def restamp(self, send: Send, stamp: float) -> None:
+        """Move a send's stamp to when its bytes actually left (never earlier).
+
+        The platform stamps arrival; the closer our stamp is to it, the less
+        margin the window needs. Waiters re-read the log when they wake.
+        """
+        if stamp <= send.stamp:
+            return
+        try:
+            self._sends.remove(send.stamp)
+        except ValueError:
+            return
+        send.stamp = stamp
+        self._sends.append(stamp)
+        if len(self._sends) > 1 and self._sends[-2] > stamp:
+            self._sends = deque(sorted(self._sends))
+
+    def forget(self, send: Send) -> None:
+        """Give back a slot the platform did not count (e.g. a 401 before counting).
+
+        The send leaves the shared log in the background (:meth:`flush` waits for
+        it); until then other processes count it, which errs on the safe side.
+        """
+        with contextlib.suppress(ValueError):
+            self._sends.remove(send.stamp)
+        if send.logged_at is None or self._shared is None:
+            return
+        shared, logged_at, send.logged_at = self._shared, send.logged_at, None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._forget_logged(shared, logged_at)
+            return
+        task = loop.create_task(asyncio.to_thread(self._forget_logged, shared, logged_at))
+        self._forgetting.add(task)
+        task.add_done_callback(self._forgetting.discard)
+
+    # -- hearing a refusal -----------------------------------------------------
+
+    def refused(self, send: Send, retry_after: float | None = None) -> LimitChange | None:
+        """Record a 429 for ``send``: pause every caller and maybe learn the limit.
+
+        ``retry_after`` is the platform's Retry-After header in seconds from now,
+        when it sent one; the body's fixed ``retry_after: 60`` must not be passed.
+        """
+        now = self._clock.monotonic()
+        self.refusals += 1
+        self.forget(send)
+        stamp = send.stamp
+        if stamp <= self._last_change_at:
+            # Sent before the last change of limit: it tells us nothing new.
+            return None
+        count = sum(1 for s in self._sends if stamp - self.window < s < stamp)
+        # Our sends just outside the window may have arrived inside it on the
+        # platform's clock: within this tolerance, a refusal is jitter, not a limit.
+        tolerance = max(self.window * JITTER_FRACTION, MIN_MARGIN_SECONDS * 10)
+        near = sum(1 for s in self._sends if stamp - self.window - tolerance < s < stamp)
+        # Other processes' sends are counted requests too; one logged just after
+        # ours may have arrived before it.
+        foreign = sum(1 for s in self._foreign if stamp - self.window < s < stamp)
+        foreign_near = sum(
+            1 for s in self._foreign if stamp - self.window - tolerance < s < stamp + tolerance
+        )
+        whole_window_known = (
+            self._history_start is not None and self._history_start <= stamp - self.span
+        )
+        change: LimitChange | None = None
+        if foreign_near:
+            change = self._refused_beside_others(
+                stamp, count, foreign, near + foreign_near, whole_window_known, now
+            )
+        elif count == 0:
+            # Nothing of ours explains the refusal: someone else's sends fill the
+            # window. They have all left it one window after the refusal.
+            self._pause(stamp + self.span)
+            self._history_start = stamp + self.span
+        elif near >= self._limit:
+            # We were at our own limit, give or take jitter: our stamps run ahead
+            # of the platform's. Widen the margin (bounded), keep the limit.
+            self._margin_fraction = min(MAX_MARGIN_FRACTION, self._margin_fraction * 2 + 0.005)
+        else:
+            change = self._set_limit(count, confirmed=whole_window_known, at=now)
+            self._probe_at = None if whole_window_known else stamp + self.span
+        if retry_after is not None:
+            self._pause(now + max(0.0, retry_after))
+        return change
+
+    # -- internals -------------------------------------------------------------
+
+    def _refused_beside_others(  # noqa: PLR0917 - private, called from one place
+        self,
+        stamp: float,
+        own: int,
+        foreign: int,
+        near: int,
+        whole_window_known: bool,
+        now: float,
+    ) -> LimitChange | None:
+        """A refusal while other processes' sends were in the window."""
+        if near >= self._limit:
+            # All of us together filled the window, give or take jitter: the window
+            # was full, not the limit lower. Widen the margin (bounded); the next
+            # send waits until the oldest of all leaves the wider window.
+            self._margin_fraction = min(MAX_MARGIN_FRACTION, self._margin_fraction * 2 + 0.005)
+            return None
+        if own == 0:
+            # Only others' sends, fewer than the limit: a sender outside the log, or
+            # a lower limit that none of ours measured. Wait a window, learn nothing.
+            self._pause(stamp + self.span)
+            self._history_start = stamp + self.span
+            return None
+        # The platform counted all of them: the limit is ours and theirs together,
+        # not ours alone (that would leave the rest of the window unused).
+        change = self._set_limit(own + foreign, confirmed=whole_window_known, at=now)
+        self._probe_at = None if whole_window_known else stamp + self.span
+        return change
+
+    def _wall_offset(self) -> float:
+        return self._clock.wall() - self._clock.monotonic()
+
+    async def _wait_turn(self) -> None:
+        while True:
+            now = self._clock.monotonic()
+            at = max(self.next_free_at(now), self._log_busy_until)
+            if at <= now:
+                return
+            self.waited_seconds += at - now
+            await self._clock.sleep(at - now)
+
+    async def _reserve(self) -> Reservation | None:
+        """Log the send in the shared log; ``None`` when there is none to use."""
+        if self._shared is None or self._clock.monotonic() < self._log_down_until:
+            return None
+        try:
+            reservation = await asyncio.to_thread(
+                self._shared.reserve,
+                self._client_id,
+                self._owner,
+                now=self._clock.wall,
+                span=self.span,
+                limit=self._limit,
+                spacing=self.spacing,
+            )
+        except StoreError as exc:
+            # A rate log we cannot reach must not stop the sync: our own log still
+            # keeps this process within the limit. Try the shared log again later.
+            self.shared_failures += 1
+            self._log_down_until = self._clock.monotonic() + self.span
+            log.warning(
+                "shared rate log unavailable; pacing on this process's sends only",
+                client_id=self._client_id,
+                error=str(exc),
+                retry_in=round(self.span, 3),
+            )
+            return None
+        offset = self._wall_offset()
+        # The log reported every other owner's send after this moment: replace ours.
+        horizon = reservation.at - offset - self.span
+        kept = [s for s in self._foreign if s <= horizon]
+        self._foreign = deque(sorted([*kept, *(f - offset for f in reservation.foreign)]))
+        if not reservation.ok:
+            self._log_busy_until = reservation.retry_at - offset
+        return reservation
+
+    def _forget_logged(self, shared: SharedSendLog, logged_at: float) -> None:
+        try:
+            shared.forget(self._client_id, self._owner, logged_at)
+        except StoreError as exc:
+            # It stays counted until it leaves the window: others only wait longer.
+            log.warning(
+                "could not remove a refused send from the shared rate log",
+                client_id=self._client_id,
+                error=str(exc),
+            )
+
+    def _pause(self, until: float) -> None:
+        self._paused_until = max(self._paused_until, until)
+
+    def _set_limit(self, new: int, *, confirmed: bool, at: float) -> LimitChange:
+        change = LimitChange(at=at, old=self._limit, new=new, confirmed=confirmed)
+        self._limit = new
+        self._confirmed = confirmed
+        self._last_change_at = self._clock.monotonic()
+        self.changes.append(change)
+        return change
+
+    def _maybe_end_probe(self, now: float) -> None:
+        # A tentative limit came from a window we could not see whole; once a
+        # full window has passed, try the configured limit again. If it really
+        # is too high, the next refusal is measured over a whole window.
+        if self._probe_at is not None and now >= self._probe_at and not self._confirmed:
+            self._probe_at = None
+            self.changes.append(
+                LimitChange(at=now, old=self._limit, new=self.configured_limit, confirmed=False)
+            )
+            self._limit = self.configured_limit
+            self._last_change_at = now
+
+    def _prune(self, now: float) -> None:
+        horizon = now - self.span * 2
+        while self._sends and self._sends[0] <= horizon:
+            self._sends.popleft()
+        while self._foreign and self._foreign[0] <= horizon:
+            self._foreign.popleft()
