@@ -1,0 +1,141 @@
+"""Database fixtures shared by every test: SQLite files and throwaway PostgreSQL databases.
+
+PostgreSQL comes from ``ADSYNC_TEST_POSTGRES_URL`` (default: the local server with
+trust auth). When it is unreachable the postgres tests skip, except in CI
+(``CI=true``), where they fail: CI must exercise both backends.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from adsync.store import SqlStore, metadata
+
+ADMIN_URL = os.environ.get(
+    "ADSYNC_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+# Children before parents, so TRUNCATE order never matters to the foreign keys.
+_TABLES = [t.name for t in reversed(metadata.sorted_tables)]
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"true", "1"}
+
+
+def _admin() -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=3)
+
+
+def _url_for(database: str) -> str:
+    base, _, _ = ADMIN_URL.rpartition("/")
+    return f"{base}/{database}"
+
+
+def create_postgres_database() -> str:
+    """Create an empty database ``adsync_test_<hex>``; return its URL."""
+    name = f"adsync_test_{uuid.uuid4().hex[:12]}"
+    with _admin() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return _url_for(name)
+
+
+def drop_postgres_database(url: str) -> None:
+    """Drop a database made by :func:`create_postgres_database`, even if still in use."""
+    name = url.rpartition("/")[2]
+    with _admin() as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> None:
+    """Skip (or, in CI, fail) when PostgreSQL is not reachable."""
+    try:
+        with _admin() as conn:
+            conn.execute("SELECT 1")
+    except psycopg.OperationalError as exc:
+        reason = f"PostgreSQL is not reachable at {ADMIN_URL} ({type(exc).__name__})"
+        if _in_ci():
+            pytest.fail(f"{reason}; CI must run the PostgreSQL tests")
+        pytest.skip(f"{reason}; set ADSYNC_TEST_POSTGRES_URL or start the server")
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: None) -> Iterator[str]:
+    """A throwaway database for the whole session, dropped at the end."""
+    url = create_postgres_database()
+    try:
+        yield url
+    finally:
+        drop_postgres_database(url)
+
+
+def _truncate(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        # A connection leaked by an earlier test would block TRUNCATE forever.
+        conn.execute("SET lock_timeout = '10s'")
+        present = {
+            row[0]
+            for row in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        }
+        tables = [t for t in _TABLES if t in present]
+        if tables:
+            conn.execute(
+                sql.SQL("TRUNCATE {} RESTART IDENTITY CASCADE").format(
+                    sql.SQL(", ").join(sql.Identifier(t) for t in tables)
+                )
+            )
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A SQLite file of its own for this test."""
+    return f"sqlite:///{tmp_path / 'adsync.db'}"
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+    ]
+)
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Each backend in turn; the tables (if migrated already) are empty."""
+    if request.param == "sqlite":
+        return str(request.getfixturevalue("sqlite_url"))
+    url = str(request.getfixturevalue("postgres_url"))
+    _truncate(url)
+    return url
+
+
+@pytest.fixture
+def fresh_database_url(database_url: str) -> Iterator[str]:
+    """Like ``database_url``, but an entirely new database (no schema at all)."""
+    if database_url.startswith("sqlite"):
+        yield database_url
+        return
+    url = create_postgres_database()
+    try:
+        yield url
+    finally:
+        drop_postgres_database(url)
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[SqlStore]:
+    """A migrated store on each backend that never really sleeps between retries."""
+    sql_store = SqlStore.from_url(database_url, sleep=lambda _seconds: None)
+    sql_store.upgrade()
+    try:
+        yield sql_store
+    finally:
+        sql_store.dispose()
