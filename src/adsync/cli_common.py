@@ -1,0 +1,79 @@
+"""What every ``adsync`` command shares: error handling, the store, the database URL.
+
+Kept apart from ``cli`` so that command modules (``cli_history``) can use it
+without importing the main app that registers them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Annotated
+
+import typer
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from rich.console import Console
+from rich.markup import escape
+
+from adsync.config import DEFAULT_DATABASE_URL, describe_validation_error
+from adsync.errors import AdsyncError, AuthError, ConfigError, StoreError
+from adsync.observability import REDACTOR
+from adsync.runner import EXIT_AUTH, EXIT_CONFIG, EXIT_FAILURES
+from adsync.store import SqlStore
+
+err = Console(stderr=True, highlight=False)
+
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")]
+
+
+@contextlib.contextmanager
+def errors(verbose: bool) -> Iterator[None]:
+    """Turn adsync's errors into one scrubbed line and a distinct exit code.
+
+    2 bad configuration, 3 credentials refused, 1 anything else; a traceback
+    only with ``--verbose``.
+    """
+    try:
+        yield
+    except AdsyncError as exc:
+        if verbose:
+            err.print_exception()
+        # soft_wrap: the message stays one line for grep and log collectors.
+        err.print(f"[bold red]error:[/] {escape(REDACTOR.scrub(str(exc)))}", soft_wrap=True)
+        if isinstance(exc, ConfigError):
+            code = EXIT_CONFIG
+        elif isinstance(exc, AuthError):
+            code = EXIT_AUTH
+        else:
+            code = EXIT_FAILURES
+        raise typer.Exit(code) from None
+
+
+class _DatabaseSettings(BaseSettings):
+    """Only DATABASE_URL: database commands must not require the platform credentials."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    database_url: SecretStr = Field(
+        default=SecretStr(DEFAULT_DATABASE_URL), validation_alias="DATABASE_URL"
+    )
+
+
+def database_url() -> str:
+    """DATABASE_URL from the environment, else ``.env``, else the SQLite default."""
+    try:
+        return _DatabaseSettings().database_url.get_secret_value()
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+
+
+def open_store(url: str) -> SqlStore:
+    """A store on ``url`` with the schema migrated; the caller disposes of it."""
+    store = SqlStore.from_url(url)
+    try:
+        store.upgrade()
+    except StoreError:
+        store.dispose()
+        raise
+    return store

@@ -1,0 +1,159 @@
+"""Prometheus metrics of adsync, on a registry of their own (never the global one).
+
+Labels are bounded: client id, endpoint, outcome (an HTTP status or a failure
+kind), run status. Never a campaign id, a token or anything secret.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from adsync.client import RequestEvent
+
+NAMESPACE = "adsync"
+
+
+class Metrics:
+    """Every metric adsync exports."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "requests",
+            "Requests sent to the platform, by endpoint and outcome.",
+            ["client_id", "endpoint", "outcome"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "request_seconds",
+            "Time from send to answer (or giving up), by endpoint.",
+            ["endpoint"],
+            namespace=NAMESPACE,
+            registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30),
+        )
+        self.retries = Counter(
+            "retries", "Retried requests.", ["client_id"], namespace=NAMESPACE, registry=r
+        )
+        self.rate_limited = Counter(
+            "rate_limited",
+            "Requests the platform refused with 429.",
+            ["client_id"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.rate_wait_seconds = Counter(
+            "rate_wait_seconds",
+            "Time requests waited on the client-side rate budget.",
+            ["client_id"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.token_refreshes = Counter(
+            "token_refreshes",
+            "Bearer tokens obtained.",
+            ["client_id"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.campaigns_synced = Counter(
+            "campaigns_synced",
+            "Campaigns synced and written.",
+            ["client_id"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.campaigns_failed = Counter(
+            "campaigns_failed",
+            "Campaigns recorded as failed.",
+            ["client_id"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.runs = Counter(
+            "runs",
+            "Finished runs, by status.",
+            ["client_id", "status"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.run_seconds = Gauge(
+            "run_duration_seconds",
+            "Duration of the last finished run.",
+            ["client_id"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "last_success_timestamp_seconds",
+            "Unix time of the last run that synced every campaign.",
+            ["client_id"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.in_progress = Gauge(
+            "runs_in_progress",
+            "Runs this process is carrying out now.",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+
+    def observe_request(self, client_id: str, event: RequestEvent) -> None:
+        """One attempt, as the client reports it."""
+        self.requests.labels(client_id, event.endpoint, event.outcome).inc()
+        self.request_seconds.labels(event.endpoint).observe(event.seconds)
+        if event.outcome == "429":
+            self.rate_limited.labels(client_id).inc()
+
+
+@dataclass(slots=True)
+class Deltas:
+    """Turns a run's growing totals into counter increments."""
+
+    retries: int = 0
+    refreshes: int = 0
+    waited: float = 0.0
+    synced: int = 0
+    failed: int = 0
+
+
+def add_totals(
+    metrics: Metrics,
+    client_id: str,
+    seen: Deltas,
+    *,
+    retries: int,
+    refreshes: int,
+    waited: float,
+    synced: int,
+    failed: int,
+) -> None:
+    """Add what grew since the last call (counters only ever go up)."""
+    metrics.retries.labels(client_id).inc(max(0, retries - seen.retries))
+    metrics.token_refreshes.labels(client_id).inc(max(0, refreshes - seen.refreshes))
+    metrics.rate_wait_seconds.labels(client_id).inc(max(0.0, waited - seen.waited))
+    metrics.campaigns_synced.labels(client_id).inc(max(0, synced - seen.synced))
+    metrics.campaigns_failed.labels(client_id).inc(max(0, failed - seen.failed))
+    seen.retries, seen.refreshes, seen.waited = retries, refreshes, waited
+    seen.synced, seen.failed = synced, failed
+
+
+class MetricsServer:
+    """``/metrics`` over HTTP in a background thread, stopped on close."""
+
+    def __init__(self, metrics: Metrics, port: int, addr: str = "127.0.0.1") -> None:
+        server, thread = start_http_server(port, addr=addr, registry=metrics.registry)
+        self._server: WSGIServer = server
+        self._thread: threading.Thread = thread
+        self.port: int = server.server_port
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)

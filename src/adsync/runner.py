@@ -1,0 +1,221 @@
+"""Wiring one account's sync: builds the HTTP client, token provider, budget and job.
+
+The CLI (and later the worker) call :func:`sync_account`; everything it builds is
+closed when it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+from adsync.auth import TokenProvider
+from adsync.client import PlatformClient, RequestEvent
+from adsync.clock import Clock, SystemClock
+from adsync.config import Settings
+from adsync.errors import AdsyncError, AuthError, ConfigError
+from adsync.metrics import Metrics
+from adsync.models import RunStatus
+from adsync.ratelimit import RateBudget, SharedSendLog
+from adsync.retry import RetryPolicy
+from adsync.store import SqlStore, make_owner
+from adsync.sync import PipelineOptions, Progress, SyncJob, SyncOutcome
+
+EXIT_OK = 0
+EXIT_FAILURES = 1
+EXIT_CONFIG = 2
+EXIT_AUTH = 3
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+def build_http(settings: Settings) -> httpx.AsyncClient:
+    """The one HTTP client of an account, with a timeout on every phase."""
+    timeout = httpx.Timeout(
+        settings.request_timeout, connect=settings.connect_timeout, pool=settings.request_deadline
+    )
+    slots = settings.concurrency() + 4
+    limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
+    return httpx.AsyncClient(
+        base_url=settings.api_url,
+        timeout=timeout,
+        limits=limits,
+        headers={"User-Agent": "adsync"},
+        follow_redirects=False,
+    )
+
+
+def build_client(
+    settings: Settings,
+    http: httpx.AsyncClient,
+    clock: Clock,
+    *,
+    rng: random.Random | None = None,
+    observe: Callable[[RequestEvent], None] | None = None,
+    shared: SharedSendLog | None = None,
+    owner: str | None = None,
+) -> PlatformClient:
+    """A PlatformClient for the account of ``settings`` over ``http``.
+
+    With ``shared``, its rate budget also counts (and logs, as ``owner``) the sends
+    of every other process using that log for the same client id.
+    """
+    rng = rng or random.Random()
+    policy = RetryPolicy(
+        max_attempts=settings.max_attempts,
+        max_seconds=settings.retry_budget_seconds,
+        backoff_initial=settings.backoff_initial,
+        backoff_max=settings.backoff_max,
+    )
+    auth = TokenProvider(
+        http,
+        email=settings.email,
+        password=settings.password,
+        clock=clock,
+        margin=settings.token_refresh_margin,
+        rng=rng,
+        timeout=settings.request_deadline,
+    )
+    budget = RateBudget(
+        settings.rate_limit,
+        settings.rate_window,
+        clock,
+        margin_fraction=settings.rate_margin,
+        shared=shared,
+        client_id=settings.client_id,
+        owner=owner or make_owner(),
+    )
+    return PlatformClient(
+        http,
+        auth=auth,
+        budget=budget,
+        clock=clock,
+        client_id=settings.client_id,
+        policy=policy,
+        deadline=settings.request_deadline,
+        rng=rng,
+        observe=observe,
+    )
+
+
+def pipeline_options(settings: Settings) -> PipelineOptions:
+    """Pipeline knobs derived from settings."""
+    return PipelineOptions(
+        page_size=settings.page_size,
+        max_pages=settings.max_pages,
+        concurrency=settings.concurrency(),
+        lease_seconds=max(30.0, settings.request_deadline * 4),
+    )
+
+
+async def sync_account(
+    settings: Settings,
+    store: SqlStore,
+    *,
+    clock: Clock | None = None,
+    stop: asyncio.Event | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    metrics: Metrics | None = None,
+    owner: str | None = None,
+) -> SyncOutcome:
+    """Sync every campaign of the account described by ``settings``."""
+    clock = clock or SystemClock()
+    observe: Callable[[RequestEvent], None] | None = None
+    if metrics is not None:
+        client_id = settings.client_id
+
+        def observe(event: RequestEvent) -> None:
+            metrics.observe_request(client_id, event)
+
+    owner = owner or make_owner()
+    shared = store.send_log() if settings.shared_budget else None
+    async with build_http(settings) as http:
+        client = build_client(settings, http, clock, observe=observe, shared=shared, owner=owner)
+        job = SyncJob(
+            client,
+            store,
+            client_id=settings.client_id,
+            owner=owner,
+            clock=clock,
+            options=pipeline_options(settings),
+            stop=stop,
+            on_progress=on_progress,
+            metrics=metrics,
+        )
+        try:
+            return await job.run()
+        finally:
+            # Refused sends leave the shared log before we go, or others wait for them.
+            await client.budget.flush()
+
+
+@dataclass(frozen=True, slots=True)
+class AccountResult:
+    """How one account's sync ended: its run's outcome, or why it never ran."""
+
+    client_id: str
+    outcome: SyncOutcome | None
+    error: str | None
+    exit_code: int
+
+
+def exit_code_for(outcome: SyncOutcome, *, sigterm: bool = False) -> int:
+    """The exit code a scheduler should see for one run."""
+    if outcome.status is RunStatus.INTERRUPTED:
+        return EXIT_SIGTERM if sigterm else EXIT_SIGINT
+    if isinstance(outcome.fatal, AuthError):
+        return EXIT_AUTH
+    if outcome.status is RunStatus.SUCCEEDED:
+        return EXIT_OK
+    return EXIT_FAILURES
+
+
+def combined_exit_code(results: list[AccountResult]) -> int:
+    """One code for many accounts: theirs when they agree, else 1 if any failed."""
+    codes = {r.exit_code for r in results}
+    if len(codes) == 1:
+        return codes.pop()
+    for interrupted in (EXIT_SIGTERM, EXIT_SIGINT):
+        if interrupted in codes:
+            return interrupted
+    return EXIT_FAILURES if codes - {EXIT_OK} else EXIT_OK
+
+
+async def sync_many(
+    settings_list: list[Settings],
+    store: SqlStore,
+    *,
+    clock: Clock | None = None,
+    stop: asyncio.Event | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    metrics: Metrics | None = None,
+    sigterm: Callable[[], bool] = lambda: False,
+) -> list[AccountResult]:
+    """Sync several accounts side by side, each with its own token, budget and run.
+
+    One account failing (credentials refused, platform down for it, its run held
+    by another process) neither stops nor slows the others.
+    """
+
+    async def one(settings: Settings) -> AccountResult:
+        try:
+            outcome = await sync_account(
+                settings, store, clock=clock, stop=stop, on_progress=on_progress, metrics=metrics
+            )
+        except ConfigError as exc:
+            return AccountResult(settings.client_id, None, str(exc), EXIT_CONFIG)
+        except AuthError as exc:
+            return AccountResult(settings.client_id, None, str(exc), EXIT_AUTH)
+        except AdsyncError as exc:
+            return AccountResult(settings.client_id, None, str(exc), EXIT_FAILURES)
+        return AccountResult(
+            settings.client_id, outcome, outcome.error, exit_code_for(outcome, sigterm=sigterm())
+        )
+
+    # A task each, so each run's log context (run id, client id) stays its own.
+    tasks = [asyncio.create_task(one(s), name=f"account:{s.client_id}") for s in settings_list]
+    return list(await asyncio.gather(*tasks))

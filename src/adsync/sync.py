@@ -1,0 +1,487 @@
+"""The pipeline of one account: pages -> sync calls -> store, with run bookkeeping.
+
+Campaigns start syncing as soon as their page arrives; a campaign is written
+only after its sync call succeeded; one campaign's failure never stops the
+others. The run's progress is durable as it happens (``run_items``), so a run
+that died is resumed by the next one without syncing anything twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import structlog
+
+from adsync.client import PlatformClient
+from adsync.clock import Clock
+from adsync.errors import AdsyncError, AuthError, PaginationError, PlatformError, StoreError
+from adsync.metrics import Deltas, Metrics, add_totals
+from adsync.models import (
+    Campaign,
+    CampaignFailure,
+    ListedItem,
+    Page,
+    RunCounters,
+    RunStatus,
+    SyncedCampaign,
+)
+from adsync.pagination import Accepted, Listing
+from adsync.retry import utcnow
+from adsync.store import local_owner_is_dead
+
+if TYPE_CHECKING:
+    from adsync.store import SqlStore
+
+log = structlog.get_logger("adsync.sync")
+
+
+class Nudge:
+    """Tells the writer that failures wait to be written."""
+
+
+NUDGE = Nudge()
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A snapshot of a run for progress displays and logs."""
+
+    client_id: str
+    run_id: str
+    total: int | None
+    synced: int
+    failed: int
+    requests: int
+    rate_limited: int
+    eta_seconds: float | None
+    done: bool = False
+
+
+@dataclass(slots=True)
+class SyncOutcome:
+    """How a run ended."""
+
+    run_id: str
+    client_id: str
+    status: RunStatus
+    counters: RunCounters
+    failures: list[CampaignFailure]
+    problems: list[str]
+    seconds: float
+    resumed: bool
+    error: str | None = None
+    fatal: BaseException | None = field(default=None, repr=False)
+
+
+@dataclass(slots=True)
+class PipelineOptions:
+    """Knobs of the pipeline; defaults suit production."""
+
+    page_size: int = 10
+    max_pages: int = 10_000
+    concurrency: int = 12
+    lease_seconds: float = 120.0
+    batch_size: int = 50
+    batch_interval: float = 0.25
+    grace_seconds: float = 30.0
+
+
+class SyncJob:
+    """Syncs every campaign of one account, exactly once per run."""
+
+    def __init__(
+        self,
+        client: PlatformClient,
+        store: SqlStore,
+        *,
+        client_id: str,
+        owner: str,
+        clock: Clock,
+        options: PipelineOptions,
+        stop: asyncio.Event | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._client = client
+        self._metrics = metrics
+        self._metric_totals = Deltas()
+        self._store = store
+        self._client_id = client_id
+        self._owner = owner
+        self._clock = clock
+        self._opt = options
+        self._stop = stop or asyncio.Event()
+        self._on_progress = on_progress
+        self._queue: asyncio.Queue[Campaign | None] = asyncio.Queue()
+        self._writes: asyncio.Queue[SyncedCampaign | Nudge | None] = asyncio.Queue()
+        self._failures: list[CampaignFailure] = []
+        self._pending_failures: list[CampaignFailure] = []
+        self._listing = Listing(max_pages=options.max_pages)
+        self._already_synced: frozenset[str] = frozenset()
+        self._already_failed: frozenset[str] = frozenset()
+        self._base = RunCounters()
+        self._counters = RunCounters()
+        self._listing_done = False
+        self._run_id = ""
+
+    # -- the run -------------------------------------------------------------
+
+    async def run(self) -> SyncOutcome:
+        """Claim (or resume) the account's run and carry it to an end."""
+        store = self._store
+        started = self._clock.monotonic()
+        run = await asyncio.to_thread(
+            store.claim_run,
+            self._client_id,
+            self._owner,
+            utcnow(self._clock),
+            self._opt.lease_seconds,
+            owner_is_dead=local_owner_is_dead,
+        )
+        self._run_id = run.id
+        # Every log line of this run, from any module, carries its ids; tasks
+        # started below inherit the context.
+        structlog.contextvars.bind_contextvars(run_id=run.id, client_id=self._client_id)
+        if run.resumed:
+            checkpoint = await asyncio.to_thread(store.checkpoint, run.id)
+            self._already_synced = checkpoint.synced
+            self._already_failed = checkpoint.failed
+            # The counters are saved in a transaction of their own after each batch,
+            # so a process killed in between leaves them behind the checkpoint,
+            # which is what is really stored.
+            self._base = replace(
+                run.counters(),
+                synced=len(checkpoint.synced),
+                failed=max(run.failed, len(checkpoint.failed)),
+            )
+            log.info(
+                "resuming an unfinished run",
+                already_synced=len(checkpoint.synced),
+                already_failed=len(checkpoint.failed),
+            )
+        else:
+            log.info("run started")
+
+        status = RunStatus.SUCCEEDED
+        error: str | None = None
+        fatal: BaseException | None = None
+        if self._metrics is not None:
+            self._metrics.in_progress.inc()
+        try:
+            await self._pipeline()
+        except AuthError as exc:
+            status, error, fatal = RunStatus.FAILED, str(exc), exc
+        except StoreError as exc:
+            status, error, fatal = RunStatus.FAILED, str(exc), exc
+        except PlatformError as exc:
+            status, error, fatal = RunStatus.FAILED, str(exc), exc
+        except asyncio.CancelledError:
+            status, error = RunStatus.INTERRUPTED, "stopped before finishing"
+            await self._finish(status, error)
+            self._run_metrics(status, self._clock.monotonic() - started)
+            raise
+        if fatal is None:
+            if self._stop.is_set() and not self._complete():
+                status, error = RunStatus.INTERRUPTED, "stopped by a signal; resumable"
+            elif self._counters_total().failed or self._listing.problems:
+                status = RunStatus.PARTIAL
+        counters = await self._finish(status, error)
+        outcome = SyncOutcome(
+            run_id=run.id,
+            client_id=self._client_id,
+            status=status,
+            counters=counters,
+            failures=list(self._failures),
+            problems=list(self._listing.problems),
+            seconds=self._clock.monotonic() - started,
+            resumed=run.resumed,
+            error=error,
+            fatal=fatal,
+        )
+        self._emit(done=True)
+        self._run_metrics(status, outcome.seconds)
+        log.info(
+            "run finished",
+            status=status.value,
+            synced=counters.synced,
+            failed=counters.failed,
+            requests=counters.requests,
+            rate_limited=counters.rate_limited,
+            seconds=round(outcome.seconds, 2),
+        )
+        return outcome
+
+    async def _pipeline(self) -> None:
+        workers = [
+            asyncio.create_task(self._worker(), name=f"sync-worker-{i}")
+            for i in range(self._opt.concurrency)
+        ]
+        writer = asyncio.create_task(self._writer(), name="writer")
+        heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
+        lister = asyncio.create_task(self._list_all(), name="lister")
+        tasks = [lister, *workers, writer]
+        try:
+            await self._supervise(lister, workers, writer)
+        finally:
+            heartbeat.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(heartbeat, *tasks, return_exceptions=True)
+
+    async def _supervise(
+        self,
+        lister: asyncio.Task[None],
+        workers: list[asyncio.Task[None]],
+        writer: asyncio.Task[None],
+    ) -> None:
+        # Any task failing fatally (auth, store) ends the run at once.
+        await _first_error(lister, *workers, writer, until=lister)
+        for _ in workers:
+            self._queue.put_nowait(None)
+        await _first_error(*workers, writer, until_all=workers)
+        self._writes.put_nowait(None)
+        await writer
+
+    # -- listing -------------------------------------------------------------
+
+    async def _list_all(self) -> None:
+        if self._stop.is_set():
+            return
+        first, accepted = await self._fetch_page(1)
+        last_number, last_page = 1, first
+        planned = self._listing.planned_pages(first)
+        if planned:
+            # Pages known from `total` go out side by side, ahead of the sync
+            # calls in the budget's queue, so the queue of campaigns never runs dry.
+            results = await asyncio.gather(*(self._fetch_page(n) for n in planned))
+            last_number = planned[-1]
+            last_page, accepted = results[-1]
+        nxt = self._listing.next_page(last_number, last_page, accepted)
+        while nxt is not None and not self._stop.is_set():
+            page, accepted = await self._fetch_page(nxt)
+            nxt = self._listing.next_page(nxt, page, accepted)
+        if self._stop.is_set():
+            return
+        self._listing.finish()
+        for problem in self._listing.problems:
+            log.warning("listing problem", problem=problem)
+        self._listing_done = True
+        await asyncio.to_thread(self._store.mark_listing_complete, self._run_id)
+
+    async def _fetch_page(self, number: int) -> tuple[Page, Accepted]:
+        try:
+            page = await self._client.list_page(number, self._opt.page_size)
+        except PlatformError as exc:
+            raise PaginationError(f"could not list page {number}: {exc}") from exc
+        self._counters.pages += 1
+        accepted = self._listing.accept(number, page)
+        ids = [i.campaign_id for i in accepted.items if i.campaign_id is not None]
+        if ids:
+            await asyncio.to_thread(self._store.record_listed, self._run_id, self._client_id, ids)
+        for item in accepted.items:
+            if item.campaign_id is None or item.campaign_id not in self._already_synced:
+                self._dispatch(item)
+        self._emit()
+        return page, accepted
+
+    def _dispatch(self, item: ListedItem) -> None:
+        if item.campaign_id is not None and item.campaign_id in self._already_failed:
+            return
+        if item.campaign is None:
+            self._fail(
+                CampaignFailure(
+                    campaign_id=item.campaign_id or "",
+                    reason=item.error or "invalid campaign payload",
+                    kind="payload",
+                )
+            )
+            return
+        self._queue.put_nowait(item.campaign)
+
+    # -- syncing -------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        while True:
+            campaign = await self._queue.get()
+            if campaign is None or self._stop.is_set():
+                return
+            try:
+                receipt = await self._client.sync_campaign(campaign.id)
+            except AuthError:
+                raise
+            except AdsyncError as exc:
+                self._fail(CampaignFailure(campaign.id, str(exc), "sync"))
+                continue
+            log.debug("campaign synced", campaign_id=campaign.id)
+            self._writes.put_nowait(SyncedCampaign(campaign, receipt.synced_at))
+
+    def _fail(self, failure: CampaignFailure) -> None:
+        self._failures.append(failure)
+        self._counters.failed += 1
+        log.warning(
+            "campaign failed",
+            campaign_id=failure.campaign_id,
+            kind=failure.kind,
+            reason=failure.reason,
+        )
+        self._pending_failures.append(failure)
+        self._writes.put_nowait(NUDGE)
+
+    # -- writing -------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        # A batch is written when it is full or its oldest campaign has waited
+        # `batch_interval`: few transactions, and little synced-but-unwritten
+        # work to lose if the process dies.
+        batch: list[SyncedCampaign] = []
+        flush_at: float | None = None
+        while True:
+            timeout = None if flush_at is None else max(0.0, flush_at - self._clock.monotonic())
+            try:
+                item = await asyncio.wait_for(self._writes.get(), timeout=timeout)
+            except TimeoutError:
+                await self._flush(batch)
+                batch, flush_at = [], None
+                continue
+            if item is None:
+                await self._flush(batch)
+                return
+            if not isinstance(item, Nudge):
+                batch.append(item)
+            if flush_at is None:
+                flush_at = self._clock.monotonic() + self._opt.batch_interval
+            if len(batch) >= self._opt.batch_size:
+                await self._flush(batch)
+                batch, flush_at = [], None
+
+    async def _flush(self, batch: list[SyncedCampaign]) -> None:
+        failures, self._pending_failures = self._pending_failures, []
+        if failures:
+            await asyncio.to_thread(
+                self._store.write_failures, self._run_id, self._client_id, failures
+            )
+        if batch:
+            await asyncio.to_thread(self._store.write_synced, self._run_id, self._client_id, batch)
+            self._counters.synced += len(batch)
+            self._emit()
+        await asyncio.to_thread(self._store.save_counters, self._run_id, self._counters_total())
+
+    # -- bookkeeping ---------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        every = max(0.05, self._opt.lease_seconds / 3)
+        while True:
+            await self._clock.sleep(every)
+            ok = await asyncio.to_thread(
+                self._store.heartbeat,
+                self._run_id,
+                self._owner,
+                utcnow(self._clock),
+                self._opt.lease_seconds,
+            )
+            if not ok:
+                log.error("lost the run's lease to another process: stopping")
+                self._stop.set()
+                return
+
+    def _complete(self) -> bool:
+        return self._listing_done and self._queue.empty()
+
+    def _counters_total(self) -> RunCounters:
+        s = self._client.stats
+        b = self._base
+        return RunCounters(
+            seen=len(self._listing.seen_ids) + self._listing.items_without_id,
+            synced=b.synced + self._counters.synced,
+            failed=b.failed + self._counters.failed,
+            requests=b.requests + s.requests,
+            retries=b.retries + s.retries,
+            rate_limited=b.rate_limited + s.rate_limited,
+            pages=b.pages + self._counters.pages,
+        )
+
+    async def _finish(self, status: RunStatus, error: str | None) -> RunCounters:
+        counters = self._counters_total()
+        await asyncio.to_thread(
+            self._store.finish_run,
+            self._run_id,
+            self._owner,
+            status,
+            counters,
+            utcnow(self._clock),
+            error,
+            # A failed run keeps its checkpoint: the next run for the client resumes
+            # it and spends no quota again on the campaigns it already synced.
+            resumable=status in (RunStatus.INTERRUPTED, RunStatus.FAILED),
+        )
+        return counters
+
+    def _run_metrics(self, status: RunStatus, seconds: float) -> None:
+        if self._metrics is None:
+            return
+        m = self._metrics
+        m.in_progress.dec()
+        m.runs.labels(self._client_id, status.value).inc()
+        m.run_seconds.labels(self._client_id).set(seconds)
+        if status is RunStatus.SUCCEEDED:
+            m.last_success.labels(self._client_id).set(self._clock.wall())
+
+    def _emit(self, *, done: bool = False) -> None:
+        if self._metrics is not None:
+            add_totals(
+                self._metrics,
+                self._client_id,
+                self._metric_totals,
+                retries=self._client.stats.retries,
+                refreshes=self._client.auth.refreshes,
+                waited=self._client.budget.waited_seconds,
+                synced=self._counters.synced,
+                failed=self._counters.failed,
+            )
+        if self._on_progress is None:
+            return
+        c = self._counters_total()
+        total = self._listing.total
+        remaining_syncs = None if total is None else max(0, total - c.synced - c.failed)
+        eta = None
+        if remaining_syncs is not None:
+            pages_left = (
+                0
+                if self._listing_done
+                else max(
+                    0,
+                    -(-total // self._opt.page_size) - len(self._listing.pages_fetched),  # type: ignore[operator]
+                )
+            )
+            eta = self._client.budget.seconds_for(remaining_syncs + pages_left)
+        self._on_progress(
+            Progress(
+                client_id=self._client_id,
+                run_id=self._run_id,
+                total=total,
+                synced=c.synced,
+                failed=c.failed,
+                requests=c.requests,
+                rate_limited=c.rate_limited,
+                eta_seconds=eta,
+                done=done,
+            )
+        )
+
+
+async def _first_error(
+    *tasks: asyncio.Task[None],
+    until: asyncio.Task[None] | None = None,
+    until_all: list[asyncio.Task[None]] | None = None,
+) -> None:
+    """Wait for ``until`` (or all of ``until_all``); raise at once if any task fails."""
+    pending = set(tasks)
+    targets = {until} if until is not None else set(until_all or [])
+    while targets & pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]

@@ -1,0 +1,183 @@
+"""`adsync` as a user runs it: a subprocess, environment variables, exit codes, output."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import typer.main
+
+from adsync.cli import app
+from adsync.simulator.testing import running_simulator
+
+EMAIL = "admin@mixoads.com"
+PASSWORD = "SuperSecret123!"
+BASIC = base64.b64encode(f"{EMAIL}:{PASSWORD}".encode()).decode()
+
+
+def adsync(
+    *args: str, env: dict[str, str], cwd: Path, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith(("AD_PLATFORM_", "DATABASE_URL"))
+    }
+    clean.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "adsync.cli", *args],
+        env=clean,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def platform_env(url: str, tmp_path: Path, **over: str) -> dict[str, str]:
+    env = {
+        "AD_PLATFORM_API_URL": url,
+        "AD_PLATFORM_EMAIL": EMAIL,
+        "AD_PLATFORM_PASSWORD": PASSWORD,
+        "AD_PLATFORM_CLIENT_ID": "cli",
+        "AD_PLATFORM_RATE_LIMIT": "40",
+        "AD_PLATFORM_RATE_WINDOW": "0.5",
+        "AD_PLATFORM_REQUEST_TIMEOUT": "0.3",
+        "AD_PLATFORM_REQUEST_DEADLINE": "1",
+        "AD_PLATFORM_BACKOFF_INITIAL": "0.01",
+        "AD_PLATFORM_BACKOFF_MAX": "0.1",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
+    }
+    env.update(over)
+    return env
+
+
+def test_missing_setting_is_one_clear_line_and_exit_2(tmp_path: Path) -> None:
+    result = adsync("sync", env={"AD_PLATFORM_EMAIL": "x@y.z"}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "AD_PLATFORM_PASSWORD is not set" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_invalid_setting_names_the_variable_not_its_value(tmp_path: Path) -> None:
+    env = {
+        "AD_PLATFORM_EMAIL": "x@y.z",
+        "AD_PLATFORM_PASSWORD": "hunter22",
+        "AD_PLATFORM_RATE_LIMIT": "lots",
+    }
+    result = adsync("sync", env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "AD_PLATFORM_RATE_LIMIT" in result.stderr
+    assert "hunter22" not in result.stderr + result.stdout
+
+
+def test_settings_come_from_a_dotenv_file(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("AD_PLATFORM_EMAIL=x@y.z\nAD_PLATFORM_RATE_WINDOW=-1\n")
+    result = adsync("sync", env={"AD_PLATFORM_PASSWORD": "pw-from-env"}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "AD_PLATFORM_RATE_WINDOW" in result.stderr
+
+
+def test_wrong_password_is_exit_3_quickly_without_a_retry_storm(tmp_path: Path) -> None:
+    with running_simulator(rate_limit=40, rate_window=0.5, sync_delay=0.01, seed=3) as sim:
+        started = time.monotonic()
+        result = adsync(
+            "sync", env=platform_env(sim.url, tmp_path, AD_PLATFORM_PASSWORD="not-it"), cwd=tmp_path
+        )
+        elapsed = time.monotonic() - started
+        stats = sim.stats()
+    assert result.returncode == 3, result.stderr
+    assert "refused the credentials" in result.stderr
+    assert "not-it" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+    assert elapsed < 15
+    assert stats["tokens_issued"] == 0
+    assert sum(c["requests"] for c in stats["clients"].values()) == 0
+
+
+def test_some_campaigns_failing_is_exit_1_with_a_summary(tmp_path: Path) -> None:
+    with running_simulator(
+        rate_limit=40,
+        rate_window=0.5,
+        sync_delay=0.01,
+        seed=3,
+        error_rate=0,
+        hang_rate=0,
+        fail_sync_ids="campaign_2",
+    ) as sim:
+        result = adsync(
+            "sync", env=platform_env(sim.url, tmp_path, AD_PLATFORM_MAX_ATTEMPTS="2"), cwd=tmp_path
+        )
+    assert result.returncode == 1, result.stderr
+    assert "99 synced, 1 failed of 100 seen" in result.stderr
+    assert "failed campaign_2 [sync]" in result.stderr
+
+
+def test_debug_logs_carry_no_secret(tmp_path: Path) -> None:
+    with running_simulator(
+        rate_limit=40,
+        rate_window=0.5,
+        sync_delay=0.01,
+        seed=5,
+        token_ttl=0.5,
+        invalidate_old_tokens=True,
+    ) as sim:
+        result = adsync(
+            "sync",
+            "--log-level",
+            "DEBUG",
+            "--log-format",
+            "json",
+            env=platform_env(sim.url, tmp_path),
+            cwd=tmp_path,
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert any(line.get("event") == "campaign synced" for line in lines), "DEBUG lines expected"
+    assert any(line.get("event") == "token refreshed" for line in lines)
+    for secret in (PASSWORD, BASIC, "Basic ", "Bearer "):
+        assert secret not in output
+    # Nothing shaped like a simulator token (43 url-safe characters) either.
+    import re
+
+    assert not re.search(r"[A-Za-z0-9_-]{43}", output)
+
+
+def test_db_upgrade_is_idempotent(tmp_path: Path) -> None:
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
+    for _ in range(2):
+        result = adsync("db", "upgrade", env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "up to date" in result.stderr
+
+
+def test_every_command_has_help_text() -> None:
+    group = typer.main.get_group(app)
+
+    def walk(command: object, path: str) -> list[tuple[str, str | None]]:
+        found = [(path, getattr(command, "help", None))]
+        for name, sub in getattr(command, "commands", {}).items():
+            found += walk(sub, f"{path} {name}")
+        return found
+
+    commands = walk(group, "adsync")
+    assert len(commands) >= 5
+    missing = [path for path, text in commands if not (text or "").strip()]
+    assert missing == []
+
+
+@pytest.mark.timeout(120)
+def test_demo_syncs_everything_into_sqlite(tmp_path: Path) -> None:
+    result = adsync("demo", "--campaigns", "30", env={}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "30 campaigns in" in result.stdout
+    assert "0 refused with 429" in result.stdout
+    assert (tmp_path / "adsync-demo.db").exists()
