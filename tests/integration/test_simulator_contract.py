@@ -10,6 +10,7 @@ import asyncio
 import base64
 import itertools
 import json
+import logging
 import re
 import time
 from collections import Counter
@@ -638,7 +639,7 @@ def test_malformed_ids_break_their_payloads_in_varied_ways() -> None:
         assert by_id[healthy]["clicks"] >= 0
 
 
-def test_reset_fault_drops_the_connection_mid_body() -> None:
+def test_reset_fault_drops_the_connection_mid_body(caplog: pytest.LogCaptureFixture) -> None:
     with running_simulator(reset_rate=1.0, **CALM) as sim, _client(sim) as client:
         headers = _headers(_token(client))
         with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
@@ -648,6 +649,8 @@ def test_reset_fault_drops_the_connection_mid_body() -> None:
         stats = sim.stats()["clients"]["default"]
     assert stats["resets"] == 2
     assert stats["sync_ok"] == {}  # the client never learnt of the success
+    # A deliberate reset is not reported as an application error.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 def test_bad_json_fault_sends_a_truncated_200() -> None:
