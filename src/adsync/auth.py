@@ -137,7 +137,8 @@ class TokenProvider:
         if response.status_code in (401, 403):
             raise AuthError(
                 f"the platform refused the credentials of {self._email} "
-                f"(HTTP {response.status_code}): check AD_PLATFORM_EMAIL and AD_PLATFORM_PASSWORD"
+                f"(HTTP {response.status_code}): check the email and password "
+                "(AD_PLATFORM_EMAIL / AD_PLATFORM_PASSWORD, or the account's entry)"
             )
         if response.status_code >= 500 or response.status_code == 429:
             raise TransientError(

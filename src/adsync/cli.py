@@ -52,7 +52,7 @@ app.command("simulate")(simulate)
 register_history(app)
 
 log = structlog.get_logger("adsync.cli")
-out = Console(highlight=False)
+out = Console(highlight=False, soft_wrap=True)
 
 LogFormat = Literal["auto", "json", "console"]
 LogLevelOpt = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
@@ -217,7 +217,13 @@ def _run_sync(
         try:
             results, _ = run_with_signals(make, grace_seconds=grace, received=received)
         except asyncio.CancelledError:
-            err.print("[red]stopped at once by a second signal; the run is resumable[/]")
+            # Cancelled by a second signal, or by the grace period of the first.
+            why = (
+                "at once by a second signal"
+                if len(received) > 1
+                else "when the grace period ran out"
+            )
+            err.print(f"[red]stopped {why}; the run is resumable[/]")
             return EXIT_SIGTERM if received and received[0] == signal.SIGTERM else EXIT_SIGINT
     for result in results:
         _summary_of(result)

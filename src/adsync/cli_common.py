@@ -22,7 +22,8 @@ from adsync.observability import REDACTOR
 from adsync.runner import EXIT_AUTH, EXIT_CONFIG, EXIT_FAILURES
 from adsync.store import SqlStore
 
-err = Console(stderr=True, highlight=False)
+# soft_wrap: a summary line stays one line in pipes and log collectors.
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")]
 
