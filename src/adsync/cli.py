@@ -48,8 +48,6 @@ db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 accounts_app = typer.Typer(help="The accounts file.", no_args_is_help=True)
 app.add_typer(accounts_app, name="accounts")
-app.command("simulate")(simulate)
-register_history(app)
 
 log = structlog.get_logger("adsync.cli")
 out = Console(highlight=False, soft_wrap=True)
@@ -396,6 +394,10 @@ def demo(
     )
     out.print(f"run history:  DATABASE_URL=sqlite:///{database} adsync status")
     raise typer.Exit(code)
+
+
+app.command("simulate")(simulate)
+register_history(app)
 
 
 def main() -> None:
