@@ -270,7 +270,12 @@ def sync(
         else:
             settings_list = [load_settings()]
         _setup(log_level, log_format, *settings_list)
-        store = open_store(settings_list[0].database_url.get_secret_value())
+        first = settings_list[0]
+        store = open_store(
+            first.database_url.get_secret_value(),
+            retry_attempts=first.db_retry_attempts,
+            retry_wait=first.db_retry_wait,
+        )
         metrics = Metrics()
         server = MetricsServer(metrics, metrics_port, metrics_addr) if metrics_port else None
         try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import Field, SecretStr, ValidationError
@@ -69,9 +69,9 @@ def database_url() -> str:
         raise ConfigError(describe_validation_error(exc)) from None
 
 
-def open_store(url: str) -> SqlStore:
+def open_store(url: str, **store_options: Any) -> SqlStore:
     """A store on ``url`` with the schema migrated; the caller disposes of it."""
-    store = SqlStore.from_url(url)
+    store = SqlStore.from_url(url, **store_options)
     try:
         store.upgrade()
     except StoreError:

@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     database_url: SecretStr = Field(
         default=SecretStr(DEFAULT_DATABASE_URL), validation_alias="DATABASE_URL"
     )
+    db_retry_attempts: int = Field(
+        default=5, validation_alias="ADSYNC_DB_RETRY_ATTEMPTS", ge=1, le=100
+    )
+    db_retry_wait: float = Field(default=0.5, validation_alias="ADSYNC_DB_RETRY_WAIT", ge=0)
 
     @field_validator("api_url")
     @classmethod
