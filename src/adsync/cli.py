@@ -21,6 +21,7 @@ from rich.table import Table
 from adsync.accounts import DEFAULT_ACCOUNTS_FILE, load_accounts, select
 from adsync.cli_common import VerboseOpt, database_url, err, errors, open_store
 from adsync.cli_history import register as register_history
+from adsync.cli_worker import register as register_worker
 from adsync.config import Settings, load_settings
 from adsync.errors import ConfigError
 from adsync.metrics import Metrics, MetricsServer
@@ -403,6 +404,7 @@ def demo(
 
 app.command("simulate")(simulate)
 register_history(app)
+register_worker(app)
 
 
 def main() -> None:

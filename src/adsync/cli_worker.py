@@ -1,0 +1,236 @@
+"""``adsync worker``, ``adsync enqueue`` and ``adsync schedule``: syncs as Procrastinate jobs.
+
+Registered on the main app by :func:`register`. Like ``cli_history``, this module
+must not import ``adsync.cli`` (which imports it). Exit codes follow the rest of
+the CLI: 1 for a database error, 2 for bad configuration (SQLite included: the job
+queue needs PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import procrastinate
+import sqlalchemy as sa
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from adsync.accounts import DEFAULT_ACCOUNTS_FILE, load_accounts, select
+from adsync.cli_common import VerboseOpt, database_url, err, errors, open_store
+from adsync.config import sqlalchemy_url
+from adsync.errors import ConfigError
+from adsync.metrics import Metrics
+from adsync.observability import configure_logging
+from adsync.worker import (
+    Enqueued,
+    Health,
+    HealthServer,
+    WorkerMetrics,
+    WorkerRuntime,
+    WorkerSettings,
+    build_app,
+    enqueue_accounts,
+    ensure_queue_schema,
+    load_worker_settings,
+    next_ticks,
+    queue_conninfo,
+    schedule_cron,
+    serve,
+)
+
+__all__ = ["enqueue", "register", "schedule", "worker"]
+
+AccountsOpt = Annotated[
+    Path,
+    typer.Option("--accounts", envvar="ADSYNC_ACCOUNTS_FILE", help="The accounts file (TOML)."),
+]
+LogLevelOpt = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
+LogFormatOpt = Annotated[
+    str, typer.Option("--log-format", help="auto (JSON unless on a terminal), json or console.")
+]
+
+
+def _logging(level: str, fmt: str, url: str) -> None:
+    if fmt not in ("auto", "json", "console"):
+        raise ConfigError(f"--log-format must be auto, json or console, not {fmt!r}")
+    password = sa.make_url(sqlalchemy_url(url)).password
+    configure_logging(level, fmt, extra_secrets=[str(password)] if password else [])  # type: ignore[arg-type]
+
+
+def worker(  # noqa: PLR0917 - a typer command takes one parameter per option
+    concurrency: Annotated[
+        int, typer.Option(min=1, help="Sync jobs (accounts) this worker runs at once.")
+    ] = 10,
+    health_port: Annotated[
+        int | None,
+        typer.Option(help="Serve /healthz and /metrics on this port (0: any free port)."),
+    ] = None,
+    health_addr: Annotated[str, typer.Option(help="Address for --health-port.")] = "127.0.0.1",
+    accounts_file: AccountsOpt = Path(DEFAULT_ACCOUNTS_FILE),
+    verbose: VerboseOpt = False,
+    log_level: LogLevelOpt = "INFO",
+    log_format: LogFormatOpt = "auto",
+) -> None:
+    """Run a worker: sync the accounts queued on PostgreSQL, one job per account at a time.
+
+    Run one or more per machine, on as many machines as needed, all with the
+    same DATABASE_URL (PostgreSQL) and accounts file. Every worker also
+    queues the schedule (every ADSYNC_SCHEDULE_MINUTES, default 60, 0 = off)
+    and puts back the jobs of workers that died (silent for
+    ADSYNC_STALLED_AFTER_SECONDS, default 60); their runs resume from the
+    checkpoint. /healthz answers 503 when the worker loop or the database
+    stops answering.
+
+    SIGTERM/SIGINT: no new jobs; running syncs make no new calls, their
+    in-flight calls finish (up to ADSYNC_WORKER_GRACE_SECONDS), the runs are
+    left resumable and queued again for another worker. A second signal
+    aborts them at once (still resumable). Exit codes: 0 stopped by a
+    signal, 1 the worker failed (database lost), 2 bad configuration.
+    """
+    with errors(verbose):
+        url = database_url()
+        conninfo = queue_conninfo(url)
+        settings = load_worker_settings()
+        _logging(log_level, log_format, url)
+        load_accounts(accounts_file)  # a broken file fails now, not in every job
+        store = open_store(url)
+        server: HealthServer | None = None
+        try:
+            asyncio.run(ensure_queue_schema(conninfo))
+            metrics = Metrics()
+            runtime = WorkerRuntime(
+                store=store,
+                accounts_file=accounts_file,
+                policy=settings.retry_policy(),
+                stalled_after=settings.stalled_after_seconds,
+                metrics=metrics,
+                worker_metrics=WorkerMetrics(metrics.registry),
+            )
+            health = Health(max_silence=max(5.0, 3 * settings.heartbeat_seconds))
+            if health_port is not None:
+                server = HealthServer(metrics.registry, health, health_port, health_addr)
+                err.print(f"health and metrics on http://{health_addr}:{server.port}/healthz")
+            # Two connections stay busy listening; the rest serve fetches and job ends.
+            app = build_app(conninfo, settings, pool_size=4 + max(2, concurrency // 4))
+            code = asyncio.run(
+                serve(app, runtime, settings, concurrency=concurrency, health=health)
+            )
+        finally:
+            store.dispose()
+            if server is not None:
+                server.close()
+    raise typer.Exit(code)
+
+
+async def _enqueue(conninfo: str, settings: WorkerSettings, client_ids: list[str]) -> Enqueued:
+    await ensure_queue_schema(conninfo)
+    app: procrastinate.App = build_app(conninfo, settings, pool_size=2)
+    async with app.open_async():
+        return await enqueue_accounts(app, client_ids)
+
+
+def _queue(accounts_file: Path, client_ids: list[str]) -> Enqueued:
+    conninfo = queue_conninfo(database_url())
+    settings = load_worker_settings()
+    accounts = select(load_accounts(accounts_file), client_ids)
+    return asyncio.run(_enqueue(conninfo, settings, [a.client_id for a in accounts]))
+
+
+def _print_enqueued(result: Enqueued) -> None:
+    for client_id in result.queued:
+        typer.echo(f"queued          {client_id}")
+    for client_id in result.waiting:
+        typer.echo(f"already waiting {client_id}")
+    err.print(
+        f"{len(result.queued)} queued, {len(result.waiting)} already had a job waiting "
+        "(never two: an account's waiting job is unique)"
+    )
+
+
+def enqueue(
+    all_accounts: Annotated[
+        bool, typer.Option("--all", help="Queue every enabled account of the accounts file.")
+    ] = False,
+    client: Annotated[
+        list[str] | None,
+        typer.Option("--client", help="Queue this account of the accounts file (repeatable)."),
+    ] = None,
+    accounts_file: AccountsOpt = Path(DEFAULT_ACCOUNTS_FILE),
+    verbose: VerboseOpt = False,
+) -> None:
+    """Queue one sync job per account for the workers (see adsync worker).
+
+    An account that already has a job waiting keeps that one: enqueueing
+    twice never makes two. Needs PostgreSQL in DATABASE_URL. Exit codes: 0
+    queued (or already waiting), 1 database error, 2 bad configuration or
+    unknown client id.
+    """
+    with errors(verbose):
+        if all_accounts == bool(client):
+            raise ConfigError("give either --all or one or more --client ID")
+        result = _queue(accounts_file, list(client or []))
+    _print_enqueued(result)
+
+
+def schedule(
+    once: Annotated[
+        bool,
+        typer.Option("--once", help="Queue every enabled account now, as one tick would."),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    accounts_file: AccountsOpt = Path(DEFAULT_ACCOUNTS_FILE),
+    verbose: VerboseOpt = False,
+) -> None:
+    """Show the schedule on which workers queue every account; --once queues them now.
+
+    There is nothing else to run: every `adsync worker` carries the schedule
+    (ADSYNC_SCHEDULE_MINUTES, default 60; 0 turns it off), and Procrastinate
+    makes each tick queue its jobs once however many workers run. This
+    command prints the interval, its cron string, the next times (UTC) and
+    the accounts it covers. With --once it queues one job per enabled
+    account now, like `adsync enqueue --all`: for an external scheduler
+    (cron, a Kubernetes CronJob) when workers run with
+    ADSYNC_SCHEDULE_MINUTES=0. Exit codes: 0 shown or queued, 1 database
+    error, 2 bad configuration.
+    """
+    with errors(verbose):
+        settings = load_worker_settings()
+        accounts = select(load_accounts(accounts_file), [])
+        if once:
+            result = _queue(accounts_file, [a.client_id for a in accounts])
+    if once:
+        _print_enqueued(result)
+        return
+    minutes = settings.schedule_minutes
+    ticks = [] if minutes == 0 else next_ticks(minutes, time.time())
+    document: dict[str, Any] = {
+        "every_minutes": minutes,
+        "cron": schedule_cron(minutes),
+        "next_utc": [datetime.fromtimestamp(t, UTC).isoformat() for t in ticks],
+        "accounts": [a.client_id for a in accounts],
+    }
+    if as_json:
+        typer.echo(json.dumps(document, indent=2))
+        return
+    out = Console(highlight=False)
+    if minutes == 0:
+        out.print("schedule off (ADSYNC_SCHEDULE_MINUTES=0): queue with `adsync schedule --once`")
+    else:
+        out.print(
+            f"every {minutes} min (cron {escape(str(document['cron']))!s}, UTC), run by every "
+            "`adsync worker`; next: " + ", ".join(document["next_utc"])
+        )
+    out.print(f"{len(accounts)} enabled account(s): {escape(', '.join(document['accounts']))}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``worker``, ``enqueue`` and ``schedule`` to the main app."""
+    app.command("worker")(worker)
+    app.command("enqueue")(enqueue)
+    app.command("schedule")(schedule)

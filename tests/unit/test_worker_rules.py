@@ -1,0 +1,224 @@
+"""The worker's decisions as pure functions: retry or not, backoff, cron strings, health."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import croniter
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from adsync.errors import (
+    AuthError,
+    ConfigError,
+    PaginationError,
+    PermanentError,
+    RunLocked,
+    StoreError,
+    TransientError,
+)
+from adsync.models import RunCounters, RunStatus
+from adsync.sync import SyncOutcome
+from adsync.worker import (
+    Action,
+    Health,
+    JobRetryPolicy,
+    decide,
+    next_ticks,
+    queue_conninfo,
+    recovery_cron,
+    schedule_cron,
+)
+
+POLICY = JobRetryPolicy(max_attempts=4, initial=10.0, maximum=60.0)
+
+
+def _outcome(status: RunStatus, fatal: BaseException | None = None) -> SyncOutcome:
+    return SyncOutcome(
+        run_id="r1",
+        client_id="acme",
+        status=status,
+        counters=RunCounters(),
+        failures=[],
+        problems=[],
+        seconds=1.0,
+        resumed=False,
+        error=None if fatal is None else str(fatal),
+        fatal=fatal,
+    )
+
+
+@pytest.mark.parametrize("status", [RunStatus.SUCCEEDED, RunStatus.PARTIAL])
+def test_a_finished_run_is_done_even_with_failed_campaigns(status: RunStatus) -> None:
+    decision = decide(1, POLICY, random.Random(1), outcome=_outcome(status))
+    assert decision.action is Action.DONE
+
+
+@pytest.mark.parametrize(
+    "error",
+    [AuthError("credentials refused"), ConfigError("no such account"), PermanentError("403")],
+)
+def test_what_retrying_cannot_fix_is_not_retried(error: Exception) -> None:
+    for outcome, raised in ((_outcome(RunStatus.FAILED, error), None), (None, error)):
+        decision = decide(1, POLICY, random.Random(1), outcome=outcome, error=raised)
+        assert decision.action is Action.GIVE_UP
+        assert type(error).__name__ in decision.reason
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        TransientError("503"),
+        PaginationError("could not list page 1: 503"),
+        StoreError("database down"),
+        RunLocked("held by another process"),
+        ConnectionRefusedError("refused"),
+    ],
+)
+def test_transient_failures_are_retried_with_the_next_attempt_number(error: Exception) -> None:
+    decision = decide(2, POLICY, random.Random(1), error=error)
+    assert decision.action is Action.RETRY
+    assert decision.next_attempt == 3
+    assert 10.0 <= decision.delay <= 20.0  # half to all of 10 * 2**(2-1)
+
+
+def test_a_failed_run_with_a_transient_cause_is_retried() -> None:
+    outcome = _outcome(RunStatus.FAILED, TransientError("platform down"))
+    assert decide(1, POLICY, random.Random(1), outcome=outcome).action is Action.RETRY
+
+
+def test_attempts_run_out() -> None:
+    decision = decide(4, POLICY, random.Random(1), error=TransientError("503"))
+    assert decision.action is Action.GIVE_UP
+    assert "after 4 attempts" in decision.reason
+    assert "resumable" in decision.reason
+
+
+def test_an_unknown_bug_is_not_retried() -> None:
+    decision = decide(1, POLICY, random.Random(1), error=KeyError("oops"))
+    assert decision.action is Action.GIVE_UP
+
+
+def test_an_interrupted_run_is_handed_over_when_the_worker_stops() -> None:
+    outcome = _outcome(RunStatus.INTERRUPTED)
+    stopping = decide(3, POLICY, random.Random(1), outcome=outcome, stopping=True)
+    assert (stopping.action, stopping.next_attempt, stopping.delay) == (Action.CONTINUE, 3, 0.0)
+    # Without a stop, only a lost lease interrupts a run: its new holder finishes it.
+    assert decide(3, POLICY, random.Random(1), outcome=outcome).action is Action.DONE
+
+
+@given(st.integers(min_value=1, max_value=200), st.integers(min_value=0, max_value=2**32))
+def test_backoff_is_half_to_all_of_the_capped_doubling(attempt: int, seed: int) -> None:
+    delay = POLICY.delay(attempt, random.Random(seed))
+    ceiling = min(60.0, 10.0 * 2 ** (attempt - 1))
+    assert ceiling / 2 <= delay <= ceiling
+
+
+def test_backoff_spreads_accounts_that_failed_together() -> None:
+    rng = random.Random(3)
+    assert len({round(POLICY.delay(2, rng), 3) for _ in range(30)}) > 25
+
+
+@pytest.mark.parametrize(
+    ("minutes", "cron"),
+    [
+        (0, None),
+        (1, "*/1 * * * *"),
+        (15, "*/15 * * * *"),
+        (60, "0 * * * *"),
+        (120, "0 */2 * * *"),
+        (1440, "0 0 * * *"),
+    ],
+)
+def test_schedule_cron(minutes: int, cron: str | None) -> None:
+    assert schedule_cron(minutes) == cron
+
+
+@pytest.mark.parametrize("minutes", [7, 45, 90, 300, 2880])
+def test_a_schedule_cron_cannot_step_evenly_is_refused(minutes: int) -> None:
+    with pytest.raises(ConfigError, match="ADSYNC_SCHEDULE_MINUTES"):
+        schedule_cron(minutes)
+
+
+@pytest.mark.parametrize("seconds", [1, 2, 5, 30])
+def test_recovery_cron_puts_seconds_last_and_fires_every_n_seconds(seconds: int) -> None:
+    cron = recovery_cron(seconds)
+    assert cron == f"* * * * * */{seconds}"
+    # What Procrastinate will read: croniter, with the seconds field last.
+    it = croniter.croniter(cron, 1_800_000_000.0)
+    ticks = [it.get_next(float) for _ in range(4)]
+    assert {b - a for a, b in itertools.pairwise(ticks)} == {float(seconds)}
+
+
+def test_recovery_every_few_minutes_uses_a_minute_cron() -> None:
+    assert recovery_cron(120) == "*/2 * * * *"
+    with pytest.raises(ConfigError):
+        recovery_cron(7)
+
+
+@pytest.mark.parametrize("minutes", [5, 60, 180])
+def test_next_ticks_match_procrastinates_croniter(minutes: int) -> None:
+    now = 1_800_000_123.0
+    cron = schedule_cron(minutes)
+    assert cron is not None
+    it = croniter.croniter(cron, now)
+    assert next_ticks(minutes, now) == [it.get_next(float) for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    ("url", "conninfo"),
+    [
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+        ("postgresql+psycopg://u:p@h:5432/db", "postgresql://u:p@h:5432/db"),
+        ("postgres://u@h/db", "postgres://u@h/db"),
+    ],
+)
+def test_queue_conninfo(url: str, conninfo: str) -> None:
+    assert queue_conninfo(url) == conninfo
+
+
+def test_sqlite_has_no_job_queue() -> None:
+    with pytest.raises(ConfigError, match="need PostgreSQL"):
+        queue_conninfo("sqlite:///adsync.db")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_health_needs_a_turning_loop_and_an_answering_database() -> None:
+    clock = _Clock()
+    health = Health(max_silence=5.0, clock=clock)
+    ok, body = health.report()
+    assert not ok
+    assert "worker loop not started" in body["problems"]
+
+    health.loop_at = health.db_ok_at = clock.now
+    assert health.report() == (
+        True,
+        {
+            "status": "ok",
+            "problems": [],
+            "loop_age_seconds": 0.0,
+            "database_age_seconds": 0.0,
+            "stopping": False,
+        },
+    )
+
+    clock.now += 6
+    health.loop_at = clock.now  # the loop turns, the database stopped answering
+    health.db_error = "ConnectorException"
+    ok, body = health.report()
+    assert not ok
+    assert body["problems"] == ["database unreachable (ConnectorException)"]
+
+    health.db_ok_at = clock.now
+    clock.now += 6  # now the loop is stuck too
+    ok, body = health.report()
+    assert body["problems"][0] == "worker loop silent for 6s"
