@@ -23,17 +23,16 @@ import time
 from pathlib import Path
 
 from _support import floor_seconds, sim_stats, simulator_process
+from adsync.accounts import parse_accounts
+from adsync.observability import configure_logging
+from adsync.runner import sync_many
+from adsync.store import SqlStore
 
 CAMPAIGNS = 100
 
 
 def child(size: int, args: argparse.Namespace) -> dict[str, float]:
     """Run one size in this process; print its figures as JSON."""
-    from adsync.accounts import parse_accounts
-    from adsync.observability import configure_logging
-    from adsync.runner import sync_many
-    from adsync.store import SqlStore
-
     configure_logging("ERROR", "console")
     sim_accounts = [
         {"email": f"acct{i}@bench.example", "password": f"pw-{i}", "campaigns": CAMPAIGNS}
@@ -157,4 +156,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

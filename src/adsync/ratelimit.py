@@ -25,14 +25,18 @@ Rules, in order of how often they matter:
 Several processes may send for the same client id (a mistaken second run, a
 crashed process whose calls still count, a restart right after another run). With
 a :class:`SharedSendLog` (the ``rate_sends`` table of the database adsync already
-uses), every send is first *reserved* in the log, in one transaction serialized per
-client id, against the sends of every owner together. Other owners' sends come back
-with each reservation and are kept beside ours (on our monotonic clock): they count
-towards the limit and the spacing, but a refusal is only ever learned from as a
-lower limit when our own sends are among those that filled the window. The log's
-stamp is taken under its lock and is the very moment our own log records, so the
-order of stamps is the order in which sends were admitted. Without a shared log
-(or while it cannot be reached) the budget is exactly the in-memory one above.
+uses), every send is first *reserved* in the log, in a transaction serialized per
+client id, against the sends of every owner together; the log's stamp is read
+under its lock and is the very moment our own log records. Other owners' sends
+come back with each reservation and are kept beside ours (on our monotonic
+clock): they count towards the limit and the spacing. A refusal while the window
+held ours and theirs, as many as the limit give or take jitter, means a full
+window, not a lower limit; fewer than the limit means a lower limit, and it is
+ours and theirs together, not ours alone. A send that left much later than its
+stamp is moved in the log too, and a refused one removed, since other processes
+judge the window by it. A :class:`SendLogBatcher` carries the reservations of all
+the budgets of a process to the log, many per transaction under load. Without a
+shared log (or while it cannot be reached) the budget is the in-memory one above.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import contextlib
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 from typing import Protocol, TypeVar
@@ -64,6 +69,9 @@ MAX_MARGIN_FRACTION = 0.05
 INITIAL_RTT_SECONDS = 0.05
 MIN_SPACING_SECONDS = 0.002
 JITTER_FRACTION = 0.05
+# How far back a shared log reports other owners' sends, in kept windows: more
+# than one, because a refusal is judged over a window plus a jitter tolerance.
+LOOKBACK_SPANS = 2
 
 
 @dataclass(slots=True)
@@ -89,41 +97,60 @@ class LimitChange:
 
 
 @dataclass(frozen=True, slots=True)
+class SendRequest:
+    """One budget asking a shared log for a send (see :meth:`SharedSendLog.reserve_many`)."""
+
+    client_id: str
+    owner: str
+    span: float
+    limit: int
+    spacing: float
+    # Wall-clock seconds, read once the client id's log is locked.
+    now: Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
 class Reservation:
-    """A shared log's answer to one :meth:`SharedSendLog.reserve` (wall-clock seconds)."""
+    """A shared log's answer to one :class:`SendRequest` (wall-clock seconds)."""
 
     ok: bool
     # Our send's stamp when ``ok``; otherwise the moment the log was looked at.
     at: float
     # The earliest moment the log would take a send (``at`` itself when ``ok``).
     retry_at: float
-    # Every other owner's send after ``at - span``, ascending.
+    # Every other owner's send after ``at - LOOKBACK_SPANS * span``, ascending.
     foreign: tuple[float, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class SendChange:
+    """One of our logged sends moved ``to`` when it really left, or (``to`` None) removed."""
+
+    client_id: str
+    owner: str
+    sent_at: float
+    to: float | None = None
+
+
 class SharedSendLog(Protocol):
-    """The sends of each client id by every process, where all of them can see them."""
+    """The sends of each client id by every process, where all of them can see them.
 
-    def reserve(
-        self,
-        client_id: str,
-        owner: str,
-        *,
-        now: Callable[[], float],
-        span: float,
-        limit: int,
-        spacing: float,
-    ) -> Reservation:
-        """Log a send at ``now()`` if all owners' sends together leave room, atomically.
+    Thread-safe and blocking (a database); budgets reach it through a
+    :class:`SendLogBatcher`.
+    """
 
-        ``now`` is read once the client id's log is locked, so stamps are in the
-        order sends were admitted. Raises :class:`~adsync.errors.StoreError` when
-        the log cannot be reached.
+    def reserve_many(
+        self, requests: Sequence[SendRequest], changes: Sequence[SendChange] = ()
+    ) -> list[Reservation]:
+        """Apply ``changes`` to our own sends, then take ``requests``; all atomically.
+
+        For each request in order, a send is logged at its ``now()`` if all owners'
+        sends together leave room. ``now`` is read once the client id's log is
+        locked, so stamps are in the order sends were admitted. Each answer is
+        :func:`decide_reservation` over the sends of the last
+        ``LOOKBACK_SPANS * span`` (earlier requests of the batch included). Raises
+        :class:`~adsync.errors.StoreError` when the log cannot be reached.
         """
-        ...
-
-    def forget(self, client_id: str, owner: str, sent_at: float) -> None:
-        """Remove one of our sends that the platform did not count."""
         ...
 
 
@@ -150,11 +177,12 @@ def decide_reservation(
 ) -> Reservation:
     """Whether ``owner`` may send at ``now``, given every owner's ``(stamp, owner)`` sends.
 
-    Sends stamped after ``now`` (another host's clock running ahead) count too.
+    ``sends`` are those of the last ``LOOKBACK_SPANS * span``; ones stamped after
+    ``now`` (another host's clock running ahead) count too.
     """
     ordered = sorted(sends)
     free_at = earliest_send([s for s, _ in ordered], now, span=span, limit=limit, spacing=spacing)
-    foreign = tuple(s for s, o in ordered if o != owner and s > now - span)
+    foreign = tuple(s for s, o in ordered if o != owner)
     return Reservation(ok=free_at <= now, at=now, retry_at=free_at, foreign=foreign)
 
 
@@ -165,6 +193,22 @@ class InMemorySendLog:
         self._lock = threading.Lock()
         self._sends: dict[str, list[tuple[float, str]]] = {}
         self.reservations = 0
+        self.batches = 0
+
+    def reserve_many(
+        self, requests: Sequence[SendRequest], changes: Sequence[SendChange] = ()
+    ) -> list[Reservation]:
+        with self._lock:
+            self.batches += 1
+            for change in changes:
+                sends = self._sends.get(change.client_id, [])
+                with contextlib.suppress(ValueError):
+                    i = sends.index((change.sent_at, change.owner))
+                    if change.to is None:
+                        del sends[i]
+                    else:
+                        sends[i] = (change.to, change.owner)
+            return [self._reserve(r) for r in requests]
 
     def reserve(
         self,
@@ -176,31 +220,117 @@ class InMemorySendLog:
         limit: int,
         spacing: float,
     ) -> Reservation:
-        with self._lock:
-            at = now()
-            self.reservations += 1
-            sends = [s for s in self._sends.get(client_id, []) if s[0] > at - 2 * span]
-            decision = decide_reservation(
-                [s for s in sends if s[0] > at - span],
-                owner,
-                at,
-                span=span,
-                limit=limit,
-                spacing=spacing,
-            )
-            if decision.ok:
-                sends.append((at, owner))
-            self._sends[client_id] = sends
-            return decision
-
-    def forget(self, client_id: str, owner: str, sent_at: float) -> None:
-        with self._lock, contextlib.suppress(ValueError):
-            self._sends.get(client_id, []).remove((sent_at, owner))
+        """One request on its own."""
+        return self.reserve_many([SendRequest(client_id, owner, span, limit, spacing, now)])[0]
 
     def sends(self, client_id: str) -> list[tuple[float, str]]:
         """The logged ``(stamp, owner)`` sends of a client id, oldest first."""
         with self._lock:
             return sorted(self._sends.get(client_id, []))
+
+    def _reserve(self, r: SendRequest) -> Reservation:
+        at = r.now()
+        self.reservations += 1
+        horizon = at - LOOKBACK_SPANS * r.span
+        sends = [s for s in self._sends.get(r.client_id, []) if s[0] > horizon]
+        decision = decide_reservation(
+            sends, r.owner, at, span=r.span, limit=r.limit, spacing=r.spacing
+        )
+        if decision.ok:
+            sends.append((at, r.owner))
+        self._sends[r.client_id] = sends
+        return decision
+
+
+class SendLogBatcher:
+    """The way from the budgets of one process (one event loop) to a shared log.
+
+    Group commit: one batch is in the log at a time, in a worker thread; the
+    reservations (and the changes to our sends: moves, removals) that arrive
+    meanwhile wait and go together in the next batch, in the order they were
+    made. At low rates each reservation goes alone; under the load of many
+    accounts they share one transaction, so the cost per send falls as load rises.
+
+    The batches go through a thread of the batcher's own, not the event loop's
+    default executor: there, a sync's store writes queue up (100 accounts fill it)
+    and every send would wait behind them. :meth:`aclose` stops the thread.
+    """
+
+    def __init__(self, log: SharedSendLog) -> None:
+        self.log = log
+        self._queue: list[tuple[SendRequest, asyncio.Future[Reservation]]] = []
+        self._changes: list[SendChange] = []
+        self._draining: asyncio.Task[None] | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adsync-rate-log")
+        self.batches = 0
+
+    async def reserve(self, request: SendRequest) -> Reservation:
+        """The log's answer to ``request``; raises StoreError when it cannot be reached."""
+        answer: asyncio.Future[Reservation] = asyncio.get_running_loop().create_future()
+        self._queue.append((request, answer))
+        self._kick()
+        return await answer
+
+    def change(self, change: SendChange) -> None:
+        """Queue a change to one of our sends; it goes with the next batch."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self._apply([], [change])  # no loop to wait on: apply it here and now
+            return
+        self._changes.append(change)
+        self._kick()
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far has reached the log (or failed to)."""
+        while (task := self._draining) is not None and not task.done():
+            await asyncio.wait({task})
+
+    async def aclose(self) -> None:
+        """Flush, then stop the batcher's thread."""
+        await self.flush()
+        self._thread.shutdown(wait=False)
+
+    def _kick(self) -> None:
+        if self._draining is None or self._draining.done():
+            self._draining = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        while self._queue or self._changes:
+            batch, self._queue = self._queue, []
+            changes, self._changes = self._changes, []
+            self.batches += 1
+            try:
+                answers = await asyncio.get_running_loop().run_in_executor(
+                    self._thread, self._apply, [r for r, _ in batch], changes
+                )
+            except Exception as exc:  # noqa: BLE001 - every waiter gets it, as its own
+                for _, answer in batch:
+                    if not answer.done():
+                        answer.set_exception(exc)
+                continue
+            except BaseException:
+                for _, answer in batch:  # cancelled: the loop is going away
+                    answer.cancel()
+                raise
+            for (_, answer), reservation in zip(batch, answers, strict=True):
+                if not answer.done():  # its caller may have been cancelled meanwhile
+                    answer.set_result(reservation)
+
+    def _apply(self, requests: list[SendRequest], changes: list[SendChange]) -> list[Reservation]:
+        try:
+            return self.log.reserve_many(requests, changes)
+        except StoreError as exc:
+            if changes:
+                # A refused send left in the log only makes others wait longer than
+                # they need; a send left where it was stamped counts from a little
+                # early, which the margin covers unless it left very late.
+                log.warning(
+                    "could not update our sends in the shared rate log",
+                    changes=len(changes),
+                    error=str(exc),
+                )
+            raise
 
 
 # -- the budget --------------------------------------------------------------------
@@ -220,7 +350,7 @@ class RateBudget:
         clock: Clock,
         *,
         margin_fraction: float = 0.01,
-        shared: SharedSendLog | None = None,
+        shared: SendLogBatcher | None = None,
         client_id: str | None = None,
         owner: str | None = None,
     ) -> None:
@@ -253,7 +383,6 @@ class RateBudget:
         self._log_busy_until = float("-inf")
         # The shared log failed: use only our own log until then (monotonic).
         self._log_down_until = float("-inf")
-        self._forgetting: set[asyncio.Task[None]] = set()
         self.shared_failures = 0
 
     # -- what the budget knows -------------------------------------------------
@@ -344,15 +473,20 @@ class RateBudget:
             return Send(stamp, logged_at), value
 
     async def flush(self) -> None:
-        """Wait until every send given back (:meth:`forget`) has left the shared log."""
-        while self._forgetting:
-            await asyncio.gather(*list(self._forgetting))
+        """Wait until the shared log has every :meth:`forget` and :meth:`restamp` so far."""
+        if self._shared is not None:
+            await self._shared.flush()
 
     def restamp(self, send: Send, stamp: float) -> None:
         """Move a send's stamp to when its bytes actually left (never earlier).
 
         The platform stamps arrival; the closer our stamp is to it, the less
         margin the window needs. Waiters re-read the log when they wake.
+
+        The shared log's stamp moves too (in the background) when it was late by
+        more than a quarter of the margin, as the first send on a new connection
+        is: other processes judge the window by it, and have only the margin to
+        absorb the difference. Smaller moves are left alone, to save a write.
         """
         if stamp <= send.stamp:
             return
@@ -360,10 +494,18 @@ class RateBudget:
             self._sends.remove(send.stamp)
         except ValueError:
             return
+        late = stamp - send.stamp
         send.stamp = stamp
         self._sends.append(stamp)
         if len(self._sends) > 1 and self._sends[-2] > stamp:
             self._sends = deque(sorted(self._sends))
+        if (
+            self._shared is not None
+            and send.logged_at is not None
+            and late > (self.span - self.window) / 4
+        ):
+            logged_at, send.logged_at = send.logged_at, send.logged_at + late
+            self._shared.change(SendChange(self._client_id, self._owner, logged_at, send.logged_at))
 
     def forget(self, send: Send) -> None:
         """Give back a slot the platform did not count (e.g. a 401 before counting).
@@ -375,15 +517,8 @@ class RateBudget:
             self._sends.remove(send.stamp)
         if send.logged_at is None or self._shared is None:
             return
-        shared, logged_at, send.logged_at = self._shared, send.logged_at, None
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._forget_logged(shared, logged_at)
-            return
-        task = loop.create_task(asyncio.to_thread(self._forget_logged, shared, logged_at))
-        self._forgetting.add(task)
-        task.add_done_callback(self._forgetting.discard)
+        logged_at, send.logged_at = send.logged_at, None
+        self._shared.change(SendChange(self._client_id, self._owner, logged_at))
 
     # -- hearing a refusal -----------------------------------------------------
 
@@ -481,16 +616,11 @@ class RateBudget:
         """Log the send in the shared log; ``None`` when there is none to use."""
         if self._shared is None or self._clock.monotonic() < self._log_down_until:
             return None
+        request = SendRequest(
+            self._client_id, self._owner, self.span, self._limit, self.spacing, self._clock.wall
+        )
         try:
-            reservation = await asyncio.to_thread(
-                self._shared.reserve,
-                self._client_id,
-                self._owner,
-                now=self._clock.wall,
-                span=self.span,
-                limit=self._limit,
-                spacing=self.spacing,
-            )
+            reservation = await self._shared.reserve(request)
         except StoreError as exc:
             # A rate log we cannot reach must not stop the sync: our own log still
             # keeps this process within the limit. Try the shared log again later.
@@ -504,24 +634,12 @@ class RateBudget:
             )
             return None
         offset = self._wall_offset()
-        # The log reported every other owner's send after this moment: replace ours.
-        horizon = reservation.at - offset - self.span
-        kept = [s for s in self._foreign if s <= horizon]
-        self._foreign = deque(sorted([*kept, *(f - offset for f in reservation.foreign)]))
+        # All the other owners' sends that still matter, as the log has them now
+        # (a send they gave back is gone from it).
+        self._foreign = deque(f - offset for f in reservation.foreign)
         if not reservation.ok:
             self._log_busy_until = reservation.retry_at - offset
         return reservation
-
-    def _forget_logged(self, shared: SharedSendLog, logged_at: float) -> None:
-        try:
-            shared.forget(self._client_id, self._owner, logged_at)
-        except StoreError as exc:
-            # It stays counted until it leaves the window: others only wait longer.
-            log.warning(
-                "could not remove a refused send from the shared rate log",
-                client_id=self._client_id,
-                error=str(exc),
-            )
 
     def _pause(self, until: float) -> None:
         self._paused_until = max(self._paused_until, until)

@@ -22,7 +22,7 @@ from adsync.config import Settings
 from adsync.errors import AdsyncError, AuthError, ConfigError
 from adsync.metrics import Metrics
 from adsync.models import RunStatus
-from adsync.ratelimit import RateBudget, SharedSendLog
+from adsync.ratelimit import RateBudget, SendLogBatcher
 from adsync.retry import RetryPolicy
 from adsync.store import SqlStore, make_owner
 from adsync.sync import PipelineOptions, Progress, SyncJob, SyncOutcome
@@ -66,7 +66,7 @@ def build_client(
     *,
     rng: random.Random | None = None,
     observe: Callable[[RequestEvent], None] | None = None,
-    shared: SharedSendLog | None = None,
+    shared: SendLogBatcher | None = None,
     owner: str | None = None,
 ) -> PlatformClient:
     """A PlatformClient for the account of ``settings`` over ``http``.
@@ -131,8 +131,15 @@ async def sync_account(
     on_progress: Callable[[Progress], None] | None = None,
     metrics: Metrics | None = None,
     owner: str | None = None,
+    send_log: SendLogBatcher | None = None,
 ) -> SyncOutcome:
-    """Sync every campaign of the account described by ``settings``."""
+    """Sync every campaign of the account described by ``settings``.
+
+    With ``AD_PLATFORM_SHARED_BUDGET`` on (the default) the rate budget is shared,
+    through the store's ``rate_sends`` table, with every process syncing the same
+    client id; pass one ``send_log`` to all the accounts of a process so that their
+    reservations share transactions.
+    """
     clock = clock or SystemClock()
     observe: Callable[[RequestEvent], None] | None = None
     if metrics is not None:
@@ -142,7 +149,10 @@ async def sync_account(
             metrics.observe_request(client_id, event)
 
     owner = owner or make_owner()
-    shared = store.send_log() if settings.shared_budget else None
+    shared: SendLogBatcher | None = None
+    own_log: SendLogBatcher | None = None
+    if settings.shared_budget:
+        shared = send_log or (own_log := SendLogBatcher(store.send_log()))
     async with build_http(settings) as http:
         client = build_client(settings, http, clock, observe=observe, shared=shared, owner=owner)
         job = SyncJob(
@@ -161,6 +171,8 @@ async def sync_account(
         finally:
             # Refused sends leave the shared log before we go, or others wait for them.
             await client.budget.flush()
+            if own_log is not None:
+                await own_log.aclose()
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,11 +222,19 @@ async def sync_many(
     One account failing (credentials refused, platform down for it, its run held
     by another process) neither stops nor slows the others.
     """
+    # One way to the shared rate log for all the accounts: their sends share transactions.
+    send_log = SendLogBatcher(store.send_log())
 
     async def one(settings: Settings) -> AccountResult:
         try:
             outcome = await sync_account(
-                settings, store, clock=clock, stop=stop, on_progress=on_progress, metrics=metrics
+                settings,
+                store,
+                clock=clock,
+                stop=stop,
+                on_progress=on_progress,
+                metrics=metrics,
+                send_log=send_log,
             )
         except ConfigError as exc:
             return AccountResult(settings.client_id, None, str(exc), EXIT_CONFIG)
@@ -228,4 +248,7 @@ async def sync_many(
 
     # A task each, so each run's log context (run id, client id) stays its own.
     tasks = [asyncio.create_task(one(s), name=f"account:{s.client_id}") for s in settings_list]
-    return list(await asyncio.gather(*tasks))
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        await send_log.aclose()

@@ -10,8 +10,8 @@ connection can never leave half a write behind. Whatever still fails comes out a
 :class:`~adsync.errors.StoreError`, whose message never carries the DSN password.
 
 The rate budget shared across processes lives here too (:class:`SqlSendLog`, the
-``rate_sends`` table): every send to the platform is reserved in one short
-transaction, serialized per client id, against the sends of every process.
+``rate_sends`` table): every send to the platform is reserved, in a short
+transaction serialized per client id, against the sends of every process.
 
 Run ownership is a lease: the process that claims a run stamps it with its owner
 string and ``lease_until`` and keeps renewing it (:meth:`SqlStore.heartbeat`). A
@@ -67,7 +67,14 @@ from adsync.models import (
     RunStatus,
     SyncedCampaign,
 )
-from adsync.ratelimit import Reservation, SharedSendLog, decide_reservation
+from adsync.ratelimit import (
+    LOOKBACK_SPANS,
+    Reservation,
+    SendChange,
+    SendRequest,
+    SharedSendLog,
+    decide_reservation,
+)
 
 __all__ = [
     "MIGRATIONS_DIR",
@@ -391,6 +398,7 @@ class SqlStore:
         self._sqlite = engine.dialect.name == "sqlite"
         if self._sqlite:
             _prepare_sqlite(engine)
+        self._send_log: SqlSendLog | None = None
 
     @classmethod
     def from_url(cls, database_url: str, **kw: Any) -> SqlStore:
@@ -425,7 +433,9 @@ class SqlStore:
 
     def send_log(self) -> SqlSendLog:
         """The rate budget's log of sends shared by every process using this database."""
-        return SqlSendLog(self)
+        if self._send_log is None:
+            self._send_log = SqlSendLog(self)
+        return self._send_log
 
     # --- schema -----------------------------------------------------------------------
 
@@ -1045,19 +1055,130 @@ def rate_lock_key(client_id: str) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
+# Built once: reservations run these for every request sent to the platform.
+#
+# PostgreSQL, one round trip: the batch's client ids locked in ascending order (two
+# processes never wait for each other in a circle), and no wait for the WAL flush
+# at commit. A reservation lost to a server crash costs at worst one 429; other
+# sessions see the row as soon as it commits, which is all the serialization needs.
+_LOCK_KEYS = (
+    sa.select(
+        sa.func.unnest(sa.bindparam("keys", type_=postgresql.ARRAY(sa.BigInteger()))).label("key")
+    )
+    .order_by(sa.literal_column("key"))
+    .subquery()
+)
+_RATE_LOCK = sa.select(
+    sa.func.pg_advisory_xact_lock(_LOCK_KEYS.c.key),
+    sa.func.set_config("synchronous_commit", "off", sa.true()),
+)
+_RATE_SWEEP = sa.delete(rate_sends).where(
+    rate_sends.c.client_id.in_(sa.bindparam("client_ids", expanding=True)),
+    rate_sends.c.sent_at <= sa.bindparam("before"),
+)
+_RATE_WINDOW = sa.select(rate_sends.c.client_id, rate_sends.c.sent_at, rate_sends.c.owner).where(
+    rate_sends.c.client_id.in_(sa.bindparam("client_ids", expanding=True)),
+    rate_sends.c.sent_at > sa.bindparam("after"),
+)
+_RATE_INSERT = sa.insert(rate_sends)
+_RATE_FORGET = sa.delete(rate_sends).where(
+    rate_sends.c.client_id == sa.bindparam("client_id"),
+    rate_sends.c.owner == sa.bindparam("owner"),
+    rate_sends.c.sent_at == sa.bindparam("sent_at"),
+)
+# UPDATE reserves the column names for its SET clause: hence the b_ names.
+_RATE_MOVE = (
+    sa.update(rate_sends)
+    .where(
+        rate_sends.c.client_id == sa.bindparam("b_client_id"),
+        rate_sends.c.owner == sa.bindparam("b_owner"),
+        rate_sends.c.sent_at == sa.bindparam("b_sent_at"),
+    )
+    .values(sent_at=sa.bindparam("b_to"))
+)
+
+
 class SqlSendLog:
     """:class:`~adsync.ratelimit.SharedSendLog` over the ``rate_sends`` table.
 
-    A reservation is one write transaction: on PostgreSQL it first takes a
-    transaction-scoped advisory lock on the client id (other client ids go on in
+    A batch of reservations is one write transaction: on PostgreSQL it first takes
+    transaction-scoped advisory locks on its client ids (other client ids go on in
     parallel); on SQLite ``BEGIN IMMEDIATE`` has already taken the database's one
-    write lock. Only then is the clock read, the window read, and the send
-    inserted, so no two processes can both take the last slot. Rows older than
-    two windows are deleted on the way (an index range scan, usually empty).
+    write lock. Only then is the clock read, the windows read, and the sends
+    inserted, so no two processes can both take the last slot. About once a window,
+    a batch also deletes its client ids' rows older than the log reports (an index
+    range scan), so the table stays a few windows deep.
     """
 
     def __init__(self, store: SqlStore) -> None:
         self._store = store
+        self._postgres = store.engine.dialect.name == "postgresql"
+        # When each client id's old rows were last swept (wall seconds).
+        self._swept: dict[str, float] = {}
+
+    def reserve_many(
+        self, requests: Sequence[SendRequest], changes: Sequence[SendChange] = ()
+    ) -> list[Reservation]:
+        """Apply ``changes`` to our sends, then take ``requests``: one transaction."""
+        if not requests and not changes:
+            return []
+        client_ids = sorted({r.client_id for r in requests})
+        locked = sorted({rate_lock_key(c) for c in [*client_ids, *(c.client_id for c in changes)]})
+        # A send is moved (maybe more than once) before it is removed, never after.
+        moves = [
+            {"b_client_id": c.client_id, "b_owner": c.owner, "b_sent_at": c.sent_at, "b_to": c.to}
+            for c in changes
+            if c.to is not None
+        ]
+        removals = [
+            {"client_id": c.client_id, "owner": c.owner, "sent_at": c.sent_at}
+            for c in changes
+            if c.to is None
+        ]
+
+        def reserve(conn: Connection) -> list[Reservation]:
+            if self._postgres:
+                conn.execute(_RATE_LOCK, {"keys": locked})
+            if moves:  # in order: a send moved twice ends where it went last
+                conn.execute(_RATE_MOVE, moves)
+            if removals:
+                conn.execute(_RATE_FORGET, removals)
+            if not requests:
+                return []
+            lookback = max(LOOKBACK_SPANS * r.span for r in requests)
+            first = requests[0].now()
+            due = [c for c in client_ids if first - self._swept.get(c, float("-inf")) >= lookback]
+            if due:
+                before = first - lookback - max(r.span for r in requests)
+                conn.execute(_RATE_SWEEP, {"client_ids": due, "before": before})
+                self._swept.update(dict.fromkeys(due, first))
+            sends: dict[str, list[tuple[float, str]]] = {c: [] for c in client_ids}
+            for row in conn.execute(
+                _RATE_WINDOW, {"client_ids": client_ids, "after": first - lookback}
+            ):
+                sends[row.client_id].append((row.sent_at, row.owner))
+            answers, rows = [], []
+            for r in requests:
+                at = r.now()
+                horizon = at - LOOKBACK_SPANS * r.span
+                decision = decide_reservation(
+                    [s for s in sends[r.client_id] if s[0] > horizon],
+                    r.owner,
+                    at,
+                    span=r.span,
+                    limit=r.limit,
+                    spacing=r.spacing,
+                )
+                if decision.ok:
+                    # Later requests of this batch for the same client id see it too.
+                    sends[r.client_id].append((at, r.owner))
+                    rows.append({"client_id": r.client_id, "sent_at": at, "owner": r.owner})
+                answers.append(decision)
+            if rows:
+                conn.execute(_RATE_INSERT, rows)
+            return answers
+
+        return self._store._transaction("reserve_sends", reserve, write=True)
 
     def reserve(
         self,
@@ -1069,53 +1190,16 @@ class SqlSendLog:
         limit: int,
         spacing: float,
     ) -> Reservation:
-        """Log a send at ``now()`` if all owners' sends together leave room (see the class)."""
-        key = rate_lock_key(client_id)
-        postgres = self._store.engine.dialect.name != "sqlite"
-
-        def reserve(conn: Connection) -> Reservation:
-            if postgres:
-                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
-            at = now()
-            conn.execute(
-                sa.delete(rate_sends).where(
-                    rate_sends.c.client_id == client_id, rate_sends.c.sent_at <= at - 2 * span
-                )
-            )
-            sends = conn.execute(
-                sa.select(rate_sends.c.sent_at, rate_sends.c.owner).where(
-                    rate_sends.c.client_id == client_id, rate_sends.c.sent_at > at - span
-                )
-            ).all()
-            decision = decide_reservation(
-                [(r.sent_at, r.owner) for r in sends],
-                owner,
-                at,
-                span=span,
-                limit=limit,
-                spacing=spacing,
-            )
-            if decision.ok:
-                conn.execute(
-                    sa.insert(rate_sends).values(client_id=client_id, sent_at=at, owner=owner)
-                )
-            return decision
-
-        return self._store._transaction("reserve_send", reserve, write=True)
+        """One request on its own (see :meth:`reserve_many`)."""
+        return self.reserve_many([SendRequest(client_id, owner, span, limit, spacing, now)])[0]
 
     def forget(self, client_id: str, owner: str, sent_at: float) -> None:
         """Delete one of our sends that the platform did not count (a 429, a 401)."""
-        self._store._transaction(
-            "forget_send",
-            lambda conn: conn.execute(
-                sa.delete(rate_sends).where(
-                    rate_sends.c.client_id == client_id,
-                    rate_sends.c.owner == owner,
-                    rate_sends.c.sent_at == sent_at,
-                )
-            ),
-            write=True,
-        )
+        self.reserve_many([], [SendChange(client_id, owner, sent_at)])
+
+    def restamp(self, client_id: str, owner: str, sent_at: float, to: float) -> None:
+        """Move one of our sends to when its bytes actually left."""
+        self.reserve_many([], [SendChange(client_id, owner, sent_at, to)])
 
     def sends(self, client_id: str) -> list[tuple[float, str]]:
         """The logged ``(sent_at, owner)`` sends of a client id, oldest first."""

@@ -112,10 +112,15 @@ def test_migrations_apply_and_are_idempotent(fresh_database_url: str) -> None:
             diff = compare_metadata(
                 MigrationContext.configure(conn, opts={"compare_type": True}), metadata
             )
-        assert {"sync_runs", "run_items", "campaigns", "campaign_snapshots", "sync_failures"} <= (
-            tables
-        )
-        assert versions == [("0001",)]
+        assert {
+            "sync_runs",
+            "run_items",
+            "campaigns",
+            "campaign_snapshots",
+            "sync_failures",
+            "rate_sends",
+        } <= tables
+        assert versions == [("0002",)]
         assert diff == []
     finally:
         store.dispose()

@@ -1,0 +1,68 @@
+"""A process that sends as fast as its rate budget lets it, for test_shared_budget_db.py.
+
+    python _hammer.py SECONDS WORKERS
+
+Settings come from the environment (``AD_PLATFORM_*``, ``DATABASE_URL``), as for
+``adsync sync``. The client is built as ``adsync sync`` builds it
+(:func:`adsync.runner.build_client`, with the store's shared send log unless
+``AD_PLATFORM_SHARED_BUDGET`` is off). Once authenticated it prints ``ready`` and
+waits for a line on stdin; then ``WORKERS`` tasks list campaign pages for
+``SECONDS``. Two of these at once are two processes syncing the same client id,
+without the run lock that keeps ``adsync sync`` from doing that. Ends with one
+JSON line: requests sent and 429s received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+
+from adsync.clock import SystemClock
+from adsync.config import load_settings
+from adsync.errors import TransientError
+from adsync.observability import configure_logging
+from adsync.ratelimit import SendLogBatcher
+from adsync.runner import build_client, build_http
+from adsync.store import SqlStore, make_owner
+
+
+async def hammer(seconds: float, workers: int) -> dict[str, int]:
+    settings = load_settings()
+    store = SqlStore.from_url(settings.database_url.get_secret_value())
+    shared = SendLogBatcher(store.send_log()) if settings.shared_budget else None
+    try:
+        async with build_http(settings) as http:
+            client = build_client(settings, http, SystemClock(), shared=shared, owner=make_owner())
+            await client.auth.get()  # the token endpoint is not rate limited
+            print("ready", flush=True)
+            await asyncio.to_thread(sys.stdin.readline)
+            stop_at = time.monotonic() + seconds
+
+            async def worker() -> None:
+                while time.monotonic() < stop_at:
+                    # Out of retries: go on, the stats have counted it.
+                    with contextlib.suppress(TransientError):
+                        await client.list_page(1, 10)
+
+            await asyncio.gather(*(worker() for _ in range(workers)))
+            await client.budget.flush()
+            return {
+                "requests": client.stats.requests,
+                "rate_limited": client.stats.rate_limited,
+                "shared_failures": client.budget.shared_failures,
+            }
+    finally:
+        store.dispose()
+
+
+def main() -> None:
+    configure_logging("WARNING", stream=sys.stderr)
+    seconds, workers = float(sys.argv[1]), int(sys.argv[2])
+    print(json.dumps(asyncio.run(hammer(seconds, workers))))
+
+
+if __name__ == "__main__":
+    main()
