@@ -75,6 +75,22 @@ LOOKBACK_SPANS = 2
 
 
 @dataclass(slots=True)
+class Margin:
+    """The safety margin added to the window, as a fraction of it.
+
+    Arrival jitter belongs to the process and the path to the platform, not to
+    one account: the budgets of a process share one ``Margin``, so the first
+    refusal that shows it too small widens it for all of them.
+    """
+
+    fraction: float = 0.01
+
+    def widen(self) -> None:
+        """Grow the margin after a refusal that jitter explains (bounded)."""
+        self.fraction = min(MAX_MARGIN_FRACTION, self.fraction * 1.5 + 0.0025)
+
+
+@dataclass(slots=True)
 class Send:
     """A reserved slot: when it was sent, for :meth:`RateBudget.refused`."""
 
@@ -350,6 +366,7 @@ class RateBudget:
         clock: Clock,
         *,
         margin_fraction: float = 0.01,
+        margin: Margin | None = None,
         shared: SendLogBatcher | None = None,
         client_id: str | None = None,
         owner: str | None = None,
@@ -361,7 +378,7 @@ class RateBudget:
         self.configured_limit = limit
         self.window = window
         self._clock = clock
-        self._margin_fraction = margin_fraction
+        self._margin = margin if margin is not None else Margin(margin_fraction)
         self._limit = limit
         self._confirmed = False
         self._probe_at: float | None = None
@@ -395,7 +412,7 @@ class RateBudget:
     @property
     def span(self) -> float:
         """The window we keep: the platform's plus the safety margin."""
-        return self.window + max(self.window * self._margin_fraction, MIN_MARGIN_SECONDS)
+        return self.window + max(self.window * self._margin.fraction, MIN_MARGIN_SECONDS)
 
     @property
     def spacing(self) -> float:
@@ -562,7 +579,7 @@ class RateBudget:
         elif near >= self._limit:
             # We were at our own limit, give or take jitter: our stamps run ahead
             # of the platform's. Widen the margin (bounded), keep the limit.
-            self._margin_fraction = min(MAX_MARGIN_FRACTION, self._margin_fraction * 2 + 0.005)
+            self._margin.widen()
         else:
             change = self._set_limit(count, confirmed=whole_window_known, at=now)
             self._probe_at = None if whole_window_known else stamp + self.span
@@ -586,7 +603,7 @@ class RateBudget:
             # All of us together filled the window, give or take jitter: the window
             # was full, not the limit lower. Widen the margin (bounded); the next
             # send waits until the oldest of all leaves the wider window.
-            self._margin_fraction = min(MAX_MARGIN_FRACTION, self._margin_fraction * 2 + 0.005)
+            self._margin.widen()
             return None
         if own == 0:
             # Only others' sends, fewer than the limit: a sender outside the log, or

@@ -22,7 +22,7 @@ from adsync.config import Settings
 from adsync.errors import AdsyncError, AuthError, ConfigError
 from adsync.metrics import Metrics
 from adsync.models import RunStatus
-from adsync.ratelimit import RateBudget, SendLogBatcher
+from adsync.ratelimit import Margin, RateBudget, SendLogBatcher
 from adsync.retry import RetryPolicy
 from adsync.store import SqlStore, make_owner
 from adsync.sync import PipelineOptions, Progress, SyncJob, SyncOutcome
@@ -68,6 +68,7 @@ def build_client(
     observe: Callable[[RequestEvent], None] | None = None,
     shared: SendLogBatcher | None = None,
     owner: str | None = None,
+    margin: Margin | None = None,
 ) -> PlatformClient:
     """A PlatformClient for the account of ``settings`` over ``http``.
 
@@ -95,6 +96,7 @@ def build_client(
         settings.rate_window,
         clock,
         margin_fraction=settings.rate_margin,
+        margin=margin,
         shared=shared,
         client_id=settings.client_id,
         owner=owner or make_owner(),
@@ -132,13 +134,15 @@ async def sync_account(
     metrics: Metrics | None = None,
     owner: str | None = None,
     send_log: SendLogBatcher | None = None,
+    margin: Margin | None = None,
 ) -> SyncOutcome:
     """Sync every campaign of the account described by ``settings``.
 
     With ``AD_PLATFORM_SHARED_BUDGET`` on (the default) the rate budget is shared,
     through the store's ``rate_sends`` table, with every process syncing the same
     client id; pass one ``send_log`` to all the accounts of a process so that their
-    reservations share transactions.
+    reservations share transactions, and one ``margin`` so that what one account
+    learns about arrival jitter protects them all.
     """
     clock = clock or SystemClock()
     observe: Callable[[RequestEvent], None] | None = None
@@ -154,7 +158,9 @@ async def sync_account(
     if settings.shared_budget:
         shared = send_log or (own_log := SendLogBatcher(store.send_log()))
     async with build_http(settings) as http:
-        client = build_client(settings, http, clock, observe=observe, shared=shared, owner=owner)
+        client = build_client(
+            settings, http, clock, observe=observe, shared=shared, owner=owner, margin=margin
+        )
         job = SyncJob(
             client,
             store,
@@ -224,6 +230,7 @@ async def sync_many(
     """
     # One way to the shared rate log for all the accounts: their sends share transactions.
     send_log = SendLogBatcher(store.send_log())
+    margin = Margin(settings_list[0].rate_margin) if settings_list else None
 
     async def one(settings: Settings) -> AccountResult:
         try:
@@ -235,6 +242,7 @@ async def sync_many(
                 on_progress=on_progress,
                 metrics=metrics,
                 send_log=send_log,
+                margin=margin,
             )
         except ConfigError as exc:
             return AccountResult(settings.client_id, None, str(exc), EXIT_CONFIG)

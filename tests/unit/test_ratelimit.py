@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from adsync.clock import FakeClock
-from adsync.ratelimit import RateBudget
+from adsync.ratelimit import Margin, RateBudget
 
 
 class PlatformWindow:
@@ -180,3 +180,21 @@ async def test_seconds_for_estimates_from_the_enforced_limit() -> None:
 def test_rejects_nonsense_limits() -> None:
     with pytest.raises(ValueError, match="limit"):
         RateBudget(0, 60.0, FakeClock())
+
+
+async def test_budgets_of_a_process_share_what_they_learn_about_jitter() -> None:
+    clock = FakeClock(start=0.0)
+    margin = Margin(0.0)
+    a = RateBudget(2, 10.0, clock, margin=margin)
+    b = RateBudget(2, 10.0, clock, margin=margin)
+    before = b.span
+    x, _ = await a.acquire(_none)
+    await a.acquire(_none)
+    clock.advance(20)
+    x, _ = await a.acquire(_none)
+    await a.acquire(_none)
+    late, _ = await a.acquire(_none)
+    assert late.stamp - x.stamp == pytest.approx(a.span)
+    a.refused(late)  # jitter at our own limit
+    assert b.span > before
+    assert a.span == b.span
