@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from adsync.config import Settings, load_settings
 from adsync.errors import ConfigError
+from adsync.models import describe_problems
 
 DEFAULT_ACCOUNTS_FILE = "accounts.toml"
 
@@ -128,11 +129,7 @@ def parse_accounts(data: dict[str, Any], source: str = "accounts file") -> list[
         try:
             entry = AccountEntry.model_validate(item)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'entry'}: {err['msg']}"
-                for err in exc.errors(include_url=False, include_input=False)
-            )
-            raise ConfigError(f"{label}: {problems}") from None
+            raise ConfigError(f"{label}: {describe_problems(exc, 'entry')}") from None
         if entry.client_id in seen:
             raise ConfigError(f"{label}: client_id {entry.client_id!r} appears twice")
         seen.add(entry.client_id)

@@ -19,6 +19,14 @@ from adsync.errors import PayloadError
 MAX_BIGINT = 2**63 - 1
 
 
+def describe_problems(exc: ValidationError, whole: str = "item") -> str:
+    """Each problem as ``field: message``, never the offending input (it may be a secret)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or whole}: {err['msg']}"
+        for err in exc.errors(include_url=False, include_input=False)
+    )
+
+
 class CampaignPayload(BaseModel):
     """One campaign as the platform lists it. Unknown statuses are data, not errors."""
 
@@ -87,11 +95,7 @@ class Campaign:
         try:
             payload = CampaignPayload.model_validate(raw)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'item'}: {err['msg']}"
-                for err in exc.errors(include_url=False, include_input=False)
-            )
-            raise PayloadError(f"invalid campaign payload: {problems}") from exc
+            raise PayloadError(f"invalid campaign payload: {describe_problems(exc)}") from exc
         return cls(
             id=payload.id,
             name=payload.name,
