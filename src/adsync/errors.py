@@ -9,6 +9,7 @@ AdsyncError
 │   ├── PermanentError     not worth retrying: a 4xx other than 401/429
 │   └── PaginationError    the listing is inconsistent beyond what the guards can repair
 ├── PayloadError           a campaign payload did not validate
+├── JobFailed              a worker's sync job ended without syncing its account
 └── StoreError             the database failed (after retries)
     ├── RunLocked          another live process holds this client's run (or took ours over)
     └── AmbiguousRunId     a run id prefix matches more than one run
@@ -64,6 +65,10 @@ class PaginationError(PlatformError):
 
 class PayloadError(AdsyncError):
     """A campaign payload did not validate."""
+
+
+class JobFailed(AdsyncError):
+    """A sync job ended without syncing its account; the message says why and what next."""
 
 
 class StoreError(AdsyncError):

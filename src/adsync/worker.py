@@ -67,6 +67,7 @@ from adsync.errors import (
     AdsyncError,
     AuthError,
     ConfigError,
+    JobFailed,
     PermanentError,
     PlatformError,
     StoreError,
@@ -113,10 +114,6 @@ _RUNTIME_KEY: Final = "adsync"
 # Only has to be the same in every adsync process and differ from the store's
 # migration lock (…01).
 _QUEUE_SCHEMA_LOCK: Final = 0x61_64_73_79_6E_63_02
-
-
-class JobFailed(AdsyncError):
-    """A sync job ended without syncing its account; the message says why and what next."""
 
 
 # --- settings -----------------------------------------------------------------------
