@@ -233,3 +233,14 @@ class Checkpoint:
     def pending(self) -> frozenset[str]:
         """Listed campaigns that are neither synced nor failed yet."""
         return self.listed - self.synced - self.failed
+
+
+@dataclass(frozen=True, slots=True)
+class RunWrite:
+    """What one run's writer has ready: synced campaigns, failures, counters."""
+
+    run_id: str
+    client_id: str
+    synced: tuple[SyncedCampaign, ...] = ()
+    failures: tuple[CampaignFailure, ...] = ()
+    counters: RunCounters | None = None

@@ -26,6 +26,7 @@ from adsync.models import (
     Page,
     RunCounters,
     RunStatus,
+    RunWrite,
     SyncedCampaign,
 )
 from adsync.pagination import Accepted, Listing
@@ -36,6 +37,47 @@ if TYPE_CHECKING:
     from adsync.store import SqlStore
 
 log = structlog.get_logger("adsync.sync")
+
+
+class RunWriter:
+    """Writes what the runs of a process have ready, many runs per transaction.
+
+    Group commit: while one transaction is under way, whatever other runs hand
+    in waits and goes into the next one, so 100 accounts cost about as many
+    transactions as one. Each caller returns once its own part is committed
+    (or gets the store's error), so a run never counts as written what is not.
+    """
+
+    def __init__(self, store: SqlStore) -> None:
+        self._store = store
+        self._pending: list[tuple[RunWrite, asyncio.Future[None]]] = []
+        self._busy = False
+
+    async def write(self, part: RunWrite) -> None:
+        """Commit ``part`` (with whatever else is waiting); raise the store's error."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((part, future))
+        if not self._busy:
+            self._busy = True
+            asyncio.get_running_loop().create_task(self._drain(), name="run-writer")
+        await asyncio.shield(future)
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                taken, self._pending = self._pending, []
+                try:
+                    await asyncio.to_thread(self._store.write_runs, [p for p, _ in taken])
+                except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
+                    for _, future in taken:
+                        if not future.done():
+                            future.set_exception(exc)
+                else:
+                    for _, future in taken:
+                        if not future.done():
+                            future.set_result(None)
+        finally:
+            self._busy = False
 
 
 class Nudge:
@@ -104,9 +146,11 @@ class SyncJob:
         stop: asyncio.Event | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         metrics: Metrics | None = None,
+        writer: RunWriter | None = None,
     ) -> None:
         self._client = client
         self._metrics = metrics
+        self._writer_for_runs = writer or RunWriter(store)
         self._metric_totals = Deltas()
         self._store = store
         self._client_id = client_id
@@ -359,15 +403,16 @@ class SyncJob:
 
     async def _flush(self, batch: list[SyncedCampaign]) -> None:
         failures, self._pending_failures = self._pending_failures, []
-        if failures:
-            await asyncio.to_thread(
-                self._store.write_failures, self._run_id, self._client_id, failures
-            )
+        counters = self._counters_total()
+        counters.synced += len(batch)
+        # Failures, campaigns and the counters that include them: one transaction,
+        # so the run's record never lags behind what is stored.
+        await self._writer_for_runs.write(
+            RunWrite(self._run_id, self._client_id, tuple(batch), tuple(failures), counters)
+        )
         if batch:
-            await asyncio.to_thread(self._store.write_synced, self._run_id, self._client_id, batch)
             self._counters.synced += len(batch)
             self._emit()
-        await asyncio.to_thread(self._store.save_counters, self._run_id, self._counters_total())
 
     # -- bookkeeping ---------------------------------------------------------
 
