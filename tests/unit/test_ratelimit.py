@@ -3,45 +3,17 @@
 from __future__ import annotations
 
 import pytest
+from platform_window import PlatformWindow, nothing
 
 from adsync.clock import FakeClock
 from adsync.ratelimit import Margin, RateBudget
-
-
-class PlatformWindow:
-    """The platform's rule: at most ``limit`` counted requests in any window (ms stamps)."""
-
-    def __init__(self, limit: int, window: float) -> None:
-        self.limit = limit
-        self.window = window
-        self.counted: list[float] = []
-        self.refused = 0
-
-    def arrive(self, t: float) -> bool:
-        t = round(t, 3)
-        live = [s for s in self.counted if s > t - self.window]
-        if len(live) >= self.limit:
-            self.refused += 1
-            return False
-        self.counted.append(t)
-        return True
-
-    def max_in_window(self) -> int:
-        return max(
-            (sum(1 for s in self.counted if t - self.window < s <= t) for t in self.counted),
-            default=0,
-        )
-
-
-async def _none() -> None:
-    return None
 
 
 async def drive(budget: RateBudget, platform: PlatformWindow, clock: FakeClock, sends: int) -> None:
     """Send until ``sends`` requests were accepted, reporting refusals to the budget."""
     accepted = 0
     while accepted < sends:
-        send, _ = await budget.acquire(_none)
+        send, _ = await budget.acquire(nothing)
         if platform.arrive(clock.monotonic()):
             accepted += 1
         else:
@@ -74,7 +46,7 @@ async def test_next_free_at_follows_the_oldest_send_in_the_window() -> None:
     clock = FakeClock(start=0.0)
     budget = RateBudget(3, 10.0, clock, margin_fraction=0.0)
     for _ in range(3):
-        await budget.acquire(_none)
+        await budget.acquire(nothing)
     assert budget.in_window(clock.monotonic()) == 3
     # The fourth send waits until the first one (at 0) leaves the kept window.
     assert budget.next_free_at(clock.monotonic()) == pytest.approx(budget.span)
@@ -85,8 +57,8 @@ async def test_consecutive_sends_are_two_round_trips_apart() -> None:
     budget = RateBudget(10, 60.0, clock)
     budget.observe_rtt(0.01)
     budget.observe_rtt(0.01)
-    first, _ = await budget.acquire(_none)
-    second, _ = await budget.acquire(_none)
+    first, _ = await budget.acquire(nothing)
+    second, _ = await budget.acquire(nothing)
     assert second.stamp - first.stamp == pytest.approx(budget.spacing)
     assert budget.spacing < 0.1
     # Never wider than an even spread of the window.
@@ -98,12 +70,12 @@ async def test_consecutive_sends_are_two_round_trips_apart() -> None:
 async def test_retry_after_header_pauses_every_caller() -> None:
     clock = FakeClock(start=0.0)
     budget = RateBudget(10, 60.0, clock)
-    send, _ = await budget.acquire(_none)
+    send, _ = await budget.acquire(nothing)
     # One of our sends in the window and the configured limit is 10: it is not
     # our own doing, so nothing is learned, but the header is obeyed.
     budget.refused(send, retry_after=42.0)
     assert budget.paused_until >= 42.0
-    nxt, _ = await budget.acquire(_none)
+    nxt, _ = await budget.acquire(nothing)
     assert nxt.stamp == pytest.approx(max(42.0, budget.paused_until))
 
 
@@ -112,7 +84,7 @@ async def test_refusal_with_nothing_of_ours_in_the_window_pauses_one_window_and_
 ):
     clock = FakeClock(start=100.0)
     budget = RateBudget(10, 60.0, clock)
-    send, _ = await budget.acquire(_none)
+    send, _ = await budget.acquire(nothing)
     assert budget.refused(send) is None
     assert budget.limit == 10
     assert budget.paused_until == pytest.approx(100.0 + budget.span)
@@ -132,7 +104,7 @@ async def test_learns_a_lower_limit_within_a_few_refusals() -> None:
 async def test_a_refused_send_is_forgotten() -> None:
     clock = FakeClock(start=0.0)
     budget = RateBudget(5, 10.0, clock)
-    send, _ = await budget.acquire(_none)
+    send, _ = await budget.acquire(nothing)
     assert budget.in_window(clock.monotonic()) == 1
     budget.forget(send)
     assert budget.in_window(clock.monotonic()) == 0
@@ -155,11 +127,11 @@ async def test_window_held_by_a_previous_process_is_survived_not_learned() -> No
 async def test_refusal_at_our_own_limit_is_jitter_not_a_lower_limit() -> None:
     clock = FakeClock(start=0.0)
     budget = RateBudget(2, 10.0, clock, margin_fraction=0.0)
-    a, _ = await budget.acquire(_none)
+    a, _ = await budget.acquire(nothing)
     clock.advance(20)
-    a, _ = await budget.acquire(_none)
-    b, _ = await budget.acquire(_none)
-    c, _ = await budget.acquire(_none)
+    a, _ = await budget.acquire(nothing)
+    b, _ = await budget.acquire(nothing)
+    c, _ = await budget.acquire(nothing)
     # c left just after a left our window; the platform stamped a late, so it
     # still counted a and refused c. That is jitter: keep the limit, widen the margin.
     assert c.stamp - a.stamp == pytest.approx(budget.span)
@@ -188,12 +160,12 @@ async def test_budgets_of_a_process_share_what_they_learn_about_jitter() -> None
     a = RateBudget(2, 10.0, clock, margin=margin)
     b = RateBudget(2, 10.0, clock, margin=margin)
     before = b.span
-    x, _ = await a.acquire(_none)
-    await a.acquire(_none)
+    x, _ = await a.acquire(nothing)
+    await a.acquire(nothing)
     clock.advance(20)
-    x, _ = await a.acquire(_none)
-    await a.acquire(_none)
-    late, _ = await a.acquire(_none)
+    x, _ = await a.acquire(nothing)
+    await a.acquire(nothing)
+    late, _ = await a.acquire(nothing)
     assert late.stamp - x.stamp == pytest.approx(a.span)
     a.refused(late)  # jitter at our own limit
     assert b.span > before

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Sequence
 
 import pytest
+from platform_window import PlatformWindow, nothing
 
 from adsync.clock import FakeClock
 from adsync.errors import StoreError
@@ -26,34 +27,6 @@ from adsync.ratelimit import (
 )
 
 CLIENT = "acme"
-
-
-class PlatformWindow:
-    """At most ``limit`` counted requests in any window ``(t - window, t]`` (ms stamps)."""
-
-    def __init__(self, limit: int, window: float) -> None:
-        self.limit = limit
-        self.window = window
-        self.counted: list[float] = []
-        self.refused = 0
-
-    def arrive(self, t: float) -> bool:
-        t = round(t, 3)
-        if sum(1 for s in self.counted if t - self.window < s <= t) >= self.limit:
-            self.refused += 1
-            return False
-        self.counted.append(t)
-        return True
-
-    def max_in_window(self) -> int:
-        return max(
-            (sum(1 for s in self.counted if t - self.window < s <= t) for t in self.counted),
-            default=0,
-        )
-
-
-async def _none() -> None:
-    return None
 
 
 def budget(
@@ -73,7 +46,7 @@ async def drive(budget: RateBudget, platform: PlatformWindow, sends: int) -> lis
     """Send until ``sends`` were accepted; the platform sees each at its send stamp."""
     accepted: list[Send] = []
     while len(accepted) < sends:
-        send, _ = await budget.acquire(_none)
+        send, _ = await budget.acquire(nothing)
         if platform.arrive(send.stamp):
             accepted.append(send)
         else:
@@ -151,8 +124,8 @@ async def test_forget_removes_the_send_from_the_shared_log() -> None:
     clock = FakeClock()
     log = InMemorySendLog()
     b = budget(log, "b", clock)
-    kept, _ = await b.acquire(_none)
-    dropped, _ = await b.acquire(_none)
+    kept, _ = await b.acquire(nothing)
+    dropped, _ = await b.acquire(nothing)
     assert [owner for _, owner in log.sends(CLIENT)] == ["b", "b"]
     b.forget(dropped)
     await b.flush()
@@ -164,7 +137,7 @@ async def test_a_refused_send_leaves_the_shared_log() -> None:
     clock = FakeClock()
     log = InMemorySendLog()
     b = budget(log, "b", clock)
-    send, _ = await b.acquire(_none)
+    send, _ = await b.acquire(nothing)
     b.refused(send)
     await b.flush()
     assert log.sends(CLIENT) == []
@@ -174,7 +147,7 @@ async def test_a_send_that_left_late_is_moved_in_the_shared_log() -> None:
     clock = FakeClock()
     log = InMemorySendLog()
     b = budget(log, "b", clock)  # margin 0.6 s: moves of more than 0.15 s are written
-    send, _ = await b.acquire(_none)
+    send, _ = await b.acquire(nothing)
     logged = send.logged_at
     assert logged is not None
     b.restamp(send, send.stamp + 0.01)  # the usual few milliseconds: our own log only
@@ -185,7 +158,7 @@ async def test_a_send_that_left_late_is_moved_in_the_shared_log() -> None:
     assert send.logged_at == pytest.approx(logged + 0.5)
     assert log.sends(CLIENT) == [(send.logged_at, "b")]
     # Moved and then refused: the changes reach the log in order, so it is gone.
-    again, _ = await b.acquire(_none)
+    again, _ = await b.acquire(nothing)
     b.restamp(again, again.stamp + 1.0)
     b.refused(again)
     await b.flush()
@@ -203,7 +176,7 @@ async def test_a_full_window_of_everyone_is_not_learned_as_a_lower_limit() -> No
     # The platform stamped a's first send 20 ms late (network jitter) ...
     platform.counted[0] = round(first[0].stamp + 0.02, 3)
     # ... so b's send, right when that send leaves b's kept window, is refused.
-    send, _ = await b.acquire(_none)
+    send, _ = await b.acquire(nothing)
     assert send.stamp == pytest.approx(first[0].stamp + b.span)
     assert not platform.arrive(send.stamp)
     span_before = b.span
@@ -213,7 +186,7 @@ async def test_a_full_window_of_everyone_is_not_learned_as_a_lower_limit() -> No
     assert b.changes == []
     assert b.span > span_before
     # The next send waits until the window has room, and the platform takes it.
-    again, _ = await b.acquire(_none)
+    again, _ = await b.acquire(nothing)
     assert platform.arrive(again.stamp)
 
 
@@ -224,7 +197,7 @@ async def test_a_lower_limit_is_learned_from_everyones_sends_together() -> None:
     a, b = budget(log, "a", clock, limit=20), budget(log, "b", clock, limit=20)
     await drive(a, platform, 6)
     await drive(b, platform, 4)
-    send, _ = await b.acquire(_none)
+    send, _ = await b.acquire(nothing)
     assert not platform.arrive(send.stamp)
     change = b.refused(send)
     # 4 of b's and 6 of a's filled the platform's window: the limit is 10, not 4.
@@ -272,7 +245,7 @@ async def test_reservations_of_many_budgets_share_transactions() -> None:
         RateBudget(10, 60.0, clock, shared=batcher, client_id=f"acct-{i}", owner="p")
         for i in range(20)
     ]
-    sends = await asyncio.gather(*(b.acquire(_none) for b in budgets))
+    sends = await asyncio.gather(*(b.acquire(nothing) for b in budgets))
     # Every account got its send, each logged under its own client id ...
     assert all(s.logged_at is not None for s, _ in sends)
     assert all(len(log.sends(f"acct-{i}")) == 1 for i in range(20))
@@ -287,7 +260,7 @@ async def test_two_budgets_of_one_client_in_one_batch_do_not_both_take_the_last_
     batcher = SendLogBatcher(log)
     a = budget(batcher, "a", clock, limit=1)
     b = budget(batcher, "b", clock, limit=1)
-    (first, _), (second, _) = await asyncio.gather(a.acquire(_none), b.acquire(_none))
+    (first, _), (second, _) = await asyncio.gather(a.acquire(nothing), b.acquire(nothing))
     # One went at once; the other waited for the whole window.
     assert abs(second.stamp - first.stamp) == pytest.approx(a.span, abs=1e-6)
 
@@ -299,7 +272,7 @@ async def test_a_failed_batch_reaches_every_budget_in_it_and_each_goes_on_alone(
         RateBudget(10, 60.0, clock, shared=batcher, client_id=f"acct-{i}", owner="p")
         for i in range(3)
     ]
-    sends = await asyncio.gather(*(b.acquire(_none) for b in budgets))
+    sends = await asyncio.gather(*(b.acquire(nothing) for b in budgets))
     # One transaction failed for all three; each sent anyway, paced by its own log.
     assert batcher.batches == 1
     assert [b.shared_failures for b in budgets] == [1, 1, 1]
