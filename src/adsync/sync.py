@@ -216,11 +216,7 @@ class SyncJob:
             self._metrics.in_progress.inc()
         try:
             await self._pipeline()
-        except AuthError as exc:
-            status, error, fatal = RunStatus.FAILED, str(exc), exc
-        except StoreError as exc:
-            status, error, fatal = RunStatus.FAILED, str(exc), exc
-        except PlatformError as exc:
+        except (AuthError, StoreError, PlatformError) as exc:
             status, error, fatal = RunStatus.FAILED, str(exc), exc
         except asyncio.CancelledError:
             status, error = RunStatus.INTERRUPTED, "stopped before finishing"
@@ -490,17 +486,13 @@ class SyncJob:
             return
         c = self._counters_total()
         total = self._listing.total
-        remaining_syncs = None if total is None else max(0, total - c.synced - c.failed)
         eta = None
-        if remaining_syncs is not None:
-            pages_left = (
-                0
-                if self._listing_done
-                else max(
-                    0,
-                    -(-total // self._opt.page_size) - len(self._listing.pages_fetched),  # type: ignore[operator]
-                )
-            )
+        if total is not None:
+            remaining_syncs = max(0, total - c.synced - c.failed)
+            pages_left = 0
+            if not self._listing_done:
+                pages = -(-total // self._opt.page_size)
+                pages_left = max(0, pages - len(self._listing.pages_fetched))
             eta = self._client.budget.seconds_for(remaining_syncs + pages_left)
         self._on_progress(
             Progress(
