@@ -86,8 +86,13 @@ class Margin:
     fraction: float = 0.01
 
     def widen(self) -> None:
-        """Grow the margin after a refusal that jitter explains (bounded)."""
-        self.fraction = min(MAX_MARGIN_FRACTION, self.fraction * 1.5 + 0.0025)
+        """Grow the margin after a refusal that jitter explains (bounded).
+
+        The bound caps the growth, never what was configured: a margin set wider
+        than the bound stays as it was.
+        """
+        grown = min(MAX_MARGIN_FRACTION, self.fraction * 1.5 + 0.0025)
+        self.fraction = max(self.fraction, grown)
 
 
 @dataclass(slots=True)

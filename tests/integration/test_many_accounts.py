@@ -51,7 +51,12 @@ def test_twenty_accounts_in_one_process(tmp_path: Path) -> None:
     ]
     db = tmp_path / "many.db"
     with running_simulator(
-        accounts=sim_accounts, rate_limit=LIMIT, rate_window=WINDOW, sync_delay=0.01, seed=9
+        process=True,
+        accounts=sim_accounts,
+        rate_limit=LIMIT,
+        rate_window=WINDOW,
+        sync_delay=0.01,
+        seed=9,
     ) as sim:
         env.update(
             {

@@ -159,6 +159,7 @@ HAMMER = Path(__file__).with_name("_hammer.py")
 @pytest.fixture
 def simulator() -> Iterator[SimulatorHandle]:
     with running_simulator(
+        process=True,
         rate_limit=LIMIT,
         rate_window=WINDOW,
         sync_delay=0.01,

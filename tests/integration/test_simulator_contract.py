@@ -520,9 +520,12 @@ async def test_error_rate_spares_sync_calls_but_hangs_do_not() -> None:
     assert lists["503"] > 0
 
 
-async def test_hangs_block_nothing_else_and_do_not_hold_shutdown() -> None:
+@pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
+async def test_hangs_block_nothing_else_and_do_not_hold_shutdown(process: bool) -> None:
     async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
-        with running_simulator(rate_limit=10_000, hang_rate=1.0, error_rate=0.0, seed=1) as sim:
+        with running_simulator(
+            process=process, rate_limit=10_000, hang_rate=1.0, error_rate=0.0, seed=1
+        ) as sim:
             auth = await client.post(f"{sim.url}/auth/token", auth=ADMIN)
             headers = _headers(auth.json()["access_token"])
             hung = [

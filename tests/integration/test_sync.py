@@ -78,7 +78,7 @@ def duplicates(store: SqlStore) -> int:
 def test_every_campaign_once_with_faults_and_no_429(
     sync_store: SqlStore, database_url: str
 ) -> None:
-    with running_simulator(**FAST) as sim:
+    with running_simulator(process=True, **FAST) as sim:
         settings = settings_for(sim, database_url)
         first = run(settings, sync_store)
         stats = client_stats(sim)
@@ -105,7 +105,7 @@ def test_every_campaign_once_with_faults_and_no_429(
 
 
 def test_token_shorter_than_the_run_is_refreshed(sync_store: SqlStore, database_url: str) -> None:
-    with running_simulator(**FAST, token_ttl=0.4, error_rate=0, hang_rate=0) as sim:
+    with running_simulator(process=True, **FAST, token_ttl=0.4, error_rate=0, hang_rate=0) as sim:
         outcome = run(settings_for(sim, database_url), sync_store)
         stats = sim.stats()
     assert outcome.status is RunStatus.SUCCEEDED

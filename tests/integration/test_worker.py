@@ -240,6 +240,7 @@ def test_two_workers_sync_each_account_once_and_recover_a_killed_workers_job(
 ) -> None:
     with (
         running_simulator(
+            process=True,
             rate_limit=LIMIT,
             rate_window=WINDOW,
             sync_delay=0.02,

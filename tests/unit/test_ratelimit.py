@@ -170,3 +170,13 @@ async def test_budgets_of_a_process_share_what_they_learn_about_jitter() -> None
     a.refused(late)  # jitter at our own limit
     assert b.span > before
     assert a.span == b.span
+
+
+def test_widening_the_margin_is_bounded_but_never_narrows_a_configured_one() -> None:
+    small = Margin(0.01)
+    for _ in range(50):
+        small.widen()
+    assert 0.01 < small.fraction <= 0.05
+    wide = Margin(0.2)
+    wide.widen()
+    assert wide.fraction == 0.2
