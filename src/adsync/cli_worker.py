@@ -104,8 +104,9 @@ def worker(  # noqa: PLR0917 - a typer command takes one parameter per option
         try:
             asyncio.run(ensure_queue_schema(conninfo))
             metrics = Metrics()
-            runtime = WorkerRuntime(
-                store=store,
+            runtime = WorkerRuntime.create(
+                store,
+                concurrency=concurrency,
                 accounts_file=accounts_file,
                 policy=settings.retry_policy(),
                 stalled_after=settings.stalled_after_seconds,

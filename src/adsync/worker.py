@@ -75,9 +75,10 @@ from adsync.errors import (
 from adsync.metrics import NAMESPACE, Metrics
 from adsync.models import RunStatus
 from adsync.observability import REDACTOR
+from adsync.ratelimit import Margin, SendLogBatcher
 from adsync.runner import sync_account
 from adsync.store import SqlStore
-from adsync.sync import SyncOutcome
+from adsync.sync import RunWriter, SyncOutcome
 
 __all__ = [
     "QUEUE_MAINTENANCE",
@@ -515,9 +516,39 @@ class WorkerRuntime:
     worker_metrics: WorkerMetrics
     rng: random.Random = field(default_factory=random.Random)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # How many syncs may run at once here; their writes and their reservations in
+    # the shared rate log go together, many per transaction, as in `sync --all`.
+    concurrency: int = 1
+    writer: RunWriter | None = None
+    send_log: SendLogBatcher | None = None
+    # What one job learns about arrival jitter protects the others (made by the
+    # first job, from its account's configured margin).
+    margin: Margin | None = None
     # Each running sync has its own stop event: a run that loses its lease sets its
     # own, which must not stop the other accounts' runs.
     _running: dict[asyncio.Task[Any], asyncio.Event] = field(default_factory=dict)
+
+    @classmethod
+    def create(
+        cls,
+        store: SqlStore,
+        *,
+        concurrency: int,
+        **kwargs: Any,
+    ) -> WorkerRuntime:
+        """A runtime whose jobs share one run writer and one way to the rate log."""
+        return cls(
+            store=store,
+            concurrency=concurrency,
+            writer=RunWriter(store),
+            send_log=SendLogBatcher(store.send_log()),
+            **kwargs,
+        )
+
+    async def aclose(self) -> None:
+        """Stop the rate log's thread (after the last job)."""
+        if self.send_log is not None:
+            await self.send_log.aclose()
 
     def stop_gracefully(self) -> None:
         """No new sync calls in any running job; in-flight calls finish, runs stay resumable."""
@@ -585,8 +616,17 @@ async def run_sync_job(
     with runtime.job_stop() as stop:
         try:
             settings = account_settings(runtime.accounts_file, client_id)
+            if runtime.margin is None:
+                runtime.margin = Margin(settings.rate_margin)
             outcome = await sync_account(
-                settings, runtime.store, stop=stop, metrics=runtime.metrics
+                settings,
+                runtime.store,
+                stop=stop,
+                metrics=runtime.metrics,
+                send_log=runtime.send_log,
+                margin=runtime.margin,
+                writer=runtime.writer,
+                accounts=runtime.concurrency,
             )
         except asyncio.CancelledError:
             # Aborted: a second signal, or the grace period ran out. The run is
@@ -829,7 +869,7 @@ async def serve(
     }
     died = False
     try:
-        async with _opened(app):
+        async with _opened(app), contextlib.aclosing(runtime):
             died = await _run_workers(
                 app,
                 runtime,

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import itertools
 import random
+from pathlib import Path
+from typing import Any, cast
 
 import croniter
+import procrastinate
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from adsync import worker
+from adsync.config import Settings
 from adsync.errors import (
     AuthError,
     ConfigError,
@@ -19,16 +24,21 @@ from adsync.errors import (
     StoreError,
     TransientError,
 )
+from adsync.metrics import Metrics
 from adsync.models import RunCounters, RunStatus
+from adsync.store import SqlStore
 from adsync.sync import SyncOutcome
 from adsync.worker import (
     Action,
     Health,
     JobRetryPolicy,
+    WorkerMetrics,
+    WorkerRuntime,
     decide,
     next_ticks,
     queue_conninfo,
     recovery_cron,
+    run_sync_job,
     schedule_cron,
 )
 
@@ -222,3 +232,47 @@ def test_health_needs_a_turning_loop_and_an_answering_database() -> None:
     clock.now += 6  # now the loop is stuck too
     ok, body = health.report()
     assert body["problems"][0] == "worker loop silent for 6s"
+
+
+async def test_the_jobs_of_a_worker_share_one_writer_rate_log_and_margin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    accounts = tmp_path / "accounts.toml"
+    accounts.write_text(
+        "\n".join(
+            f'[[accounts]]\nclient_id = "c{i}"\nemail = "c{i}@example.com"\n'
+            'password_env = "UNIT_WORKER_PASSWORD"\n'
+            for i in range(2)
+        )
+    )
+    monkeypatch.setenv("UNIT_WORKER_PASSWORD", "pw")
+    calls: list[dict[str, Any]] = []
+
+    async def fake_sync(settings: Settings, store: SqlStore, **kwargs: Any) -> SyncOutcome:
+        calls.append(kwargs)
+        return _outcome(RunStatus.SUCCEEDED)
+
+    monkeypatch.setattr(worker, "sync_account", fake_sync)
+    store = SqlStore.from_url(f"sqlite:///{tmp_path / 'w.db'}")
+    metrics = Metrics()
+    runtime = WorkerRuntime.create(
+        store,
+        concurrency=4,
+        accounts_file=accounts,
+        policy=POLICY,
+        stalled_after=60.0,
+        metrics=metrics,
+        worker_metrics=WorkerMetrics(metrics.registry),
+    )
+    app = cast(procrastinate.App, None)  # a finished run needs no follow-up job
+    try:
+        for client_id in ("c0", "c1"):
+            assert (await run_sync_job(app, runtime, client_id, 1))["status"] == "succeeded"
+    finally:
+        await runtime.aclose()
+        store.dispose()
+    assert len(calls) == 2
+    for key in ("writer", "send_log", "margin"):
+        assert calls[0][key] is not None
+        assert calls[0][key] is calls[1][key] is getattr(runtime, key)
+    assert calls[0]["accounts"] == 4
