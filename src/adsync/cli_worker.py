@@ -104,8 +104,8 @@ def worker(  # noqa: PLR0917 - a typer command takes one parameter per option
         try:
             asyncio.run(ensure_queue_schema(conninfo))
             metrics = Metrics()
-            runtime = WorkerRuntime.create(
-                store,
+            runtime = WorkerRuntime(
+                store=store,
                 concurrency=concurrency,
                 accounts_file=accounts_file,
                 policy=settings.retry_policy(),

@@ -519,36 +519,22 @@ class WorkerRuntime:
     # How many syncs may run at once here; their writes and their reservations in
     # the shared rate log go together, many per transaction, as in `sync --all`.
     concurrency: int = 1
-    writer: RunWriter | None = None
-    send_log: SendLogBatcher | None = None
     # What one job learns about arrival jitter protects the others (made by the
     # first job, from its account's configured margin).
     margin: Margin | None = None
+    writer: RunWriter = field(init=False)
+    send_log: SendLogBatcher = field(init=False)
     # Each running sync has its own stop event: a run that loses its lease sets its
     # own, which must not stop the other accounts' runs.
     _running: dict[asyncio.Task[Any], asyncio.Event] = field(default_factory=dict)
 
-    @classmethod
-    def create(
-        cls,
-        store: SqlStore,
-        *,
-        concurrency: int,
-        **kwargs: Any,
-    ) -> WorkerRuntime:
-        """A runtime whose jobs share one run writer and one way to the rate log."""
-        return cls(
-            store=store,
-            concurrency=concurrency,
-            writer=RunWriter(store),
-            send_log=SendLogBatcher(store.send_log()),
-            **kwargs,
-        )
+    def __post_init__(self) -> None:
+        self.writer = RunWriter(self.store)
+        self.send_log = SendLogBatcher(self.store.send_log())
 
     async def aclose(self) -> None:
         """Stop the rate log's thread (after the last job)."""
-        if self.send_log is not None:
-            await self.send_log.aclose()
+        await self.send_log.aclose()
 
     def stop_gracefully(self) -> None:
         """No new sync calls in any running job; in-flight calls finish, runs stay resumable."""

@@ -255,8 +255,8 @@ async def test_the_jobs_of_a_worker_share_one_writer_rate_log_and_margin(
     monkeypatch.setattr(worker, "sync_account", fake_sync)
     store = SqlStore.from_url(f"sqlite:///{tmp_path / 'w.db'}")
     metrics = Metrics()
-    runtime = WorkerRuntime.create(
-        store,
+    runtime = WorkerRuntime(
+        store=store,
         concurrency=4,
         accounts_file=accounts,
         policy=POLICY,

@@ -127,17 +127,19 @@ def running_simulator(*, process: bool = False, **knobs: Any) -> Iterator[Simula
         port: int = sock.getsockname()[1]
         config = build_config(host=host, port=port, **knobs)
         handle = SimulatorHandle(url=f"http://{host}:{port}", port=port, config=config)
-        runner = _in_process if process else _in_thread
-        with runner(handle, sock, {"host": host, "port": port, **knobs}):
+        serving = (
+            _in_process(handle, sock, {"host": host, "port": port, **knobs})
+            if process
+            else _in_thread(handle, sock)
+        )
+        with serving:
             yield handle
     finally:
         sock.close()
 
 
 @contextmanager
-def _in_thread(
-    handle: SimulatorHandle, sock: socket.socket, knobs: dict[str, Any]
-) -> Iterator[None]:
+def _in_thread(handle: SimulatorHandle, sock: socket.socket) -> Iterator[None]:
     server = build_server(
         handle.config, log_level="warning", access_log=False, log_config=None, loop="asyncio"
     )
