@@ -75,6 +75,12 @@ MAX_MARGIN_FRACTION = 0.15
 INITIAL_RTT_SECONDS = 0.05
 MIN_SPACING_SECONDS = 0.002
 JITTER_FRACTION = 0.05
+# The longest a Retry-After header may pause a budget: this many windows, and at
+# least ten minutes. Longer (a header of "86400", a far-off date, a skewed clock)
+# would hold the run for good; after the cap one request asks again, and a
+# platform that still refuses says how long to wait once more.
+MAX_PAUSE_WINDOWS = 10
+MIN_MAX_PAUSE_SECONDS = 600.0
 # How far back a shared log reports other owners' sends, in kept windows: more
 # than one, because a refusal is judged over a window plus a jitter tolerance.
 LOOKBACK_SPANS = 2
@@ -595,7 +601,14 @@ class RateBudget:
             change = self._set_limit(count, confirmed=whole_window_known, at=now)
             self._probe_at = None if whole_window_known else stamp + self.span
         if retry_after is not None:
-            self._pause(now + max(0.0, retry_after))
+            longest = max(MIN_MAX_PAUSE_SECONDS, MAX_PAUSE_WINDOWS * self.window)
+            if retry_after > longest:
+                log.warning(
+                    "Retry-After longer than adsync waits; asking again sooner",
+                    retry_after=retry_after,
+                    wait=longest,
+                )
+            self._pause(now + min(longest, max(0.0, retry_after)))
         return change
 
     # -- internals -------------------------------------------------------------

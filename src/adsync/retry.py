@@ -6,6 +6,7 @@ that every wait goes through the injected clock.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +37,8 @@ def parse_retry_after(value: str | None, now_wall: float) -> float | None:
     except ValueError:
         pass
     else:
-        return seconds if seconds >= 0 else None
+        # "inf" and "nan" parse as floats; neither is a time to wait.
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):

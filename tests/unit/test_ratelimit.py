@@ -67,6 +67,18 @@ async def test_consecutive_sends_are_two_round_trips_apart() -> None:
     assert slow.spacing == pytest.approx(slow.span / 10)
 
 
+async def test_a_retry_after_of_a_day_pauses_for_at_most_ten_minutes() -> None:
+    clock = FakeClock(start=0.0)
+    budget = RateBudget(10, 60.0, clock)
+    send, _ = await budget.acquire(nothing)
+    budget.refused(send, retry_after=86_400.0)
+    assert budget.paused_until == pytest.approx(600.0)
+    short = RateBudget(10, 0.5, clock)
+    send, _ = await short.acquire(nothing)
+    short.refused(send, retry_after=1e9)
+    assert short.paused_until == pytest.approx(600.0)
+
+
 async def test_retry_after_header_pauses_every_caller() -> None:
     clock = FakeClock(start=0.0)
     budget = RateBudget(10, 60.0, clock)
