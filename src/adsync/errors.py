@@ -75,6 +75,10 @@ class StoreError(AdsyncError):
     """The database failed, after retries."""
 
 
+class StoreUnavailable(StoreError):
+    """The database could not be reached (or stayed busy) through every retry."""
+
+
 class RunLocked(StoreError):
     """Another live process holds the run lease for this client, or took ours over."""
 

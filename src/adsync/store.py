@@ -58,7 +58,7 @@ from tenacity import (
 )
 
 from adsync.config import sqlalchemy_url
-from adsync.errors import AdsyncError, AmbiguousRunId, RunLocked, StoreError
+from adsync.errors import AdsyncError, AmbiguousRunId, RunLocked, StoreError, StoreUnavailable
 from adsync.models import (
     CampaignFailure,
     Checkpoint,
@@ -1044,7 +1044,7 @@ class SqlStore:
         except (SQLAlchemyError, OverflowError) as exc:
             # OverflowError: sqlite3 refuses an int beyond 64 bits before SQLAlchemy sees it.
             if is_transient(exc):
-                raise StoreError(
+                raise StoreUnavailable(
                     f"database unavailable after {self._attempts} attempts "
                     f"({self._where()}): {self._describe(exc)}"
                 ) from exc

@@ -17,7 +17,15 @@ import structlog
 
 from adsync.client import PlatformClient
 from adsync.clock import Clock
-from adsync.errors import AdsyncError, AuthError, PaginationError, PlatformError, StoreError
+from adsync.errors import (
+    AdsyncError,
+    AuthError,
+    PaginationError,
+    PlatformError,
+    RunLocked,
+    StoreError,
+    StoreUnavailable,
+)
 from adsync.metrics import Deltas, Metrics, add_totals
 from adsync.models import (
     Campaign,
@@ -46,6 +54,9 @@ class RunWriter:
     in waits and goes into the next one, so 100 accounts cost about as many
     transactions as one. Each caller returns once its own part is committed
     (or gets the store's error), so a run never counts as written what is not.
+    When a shared transaction fails for a reason other than the database being
+    unreachable (data one run brought), each part is written again alone, so
+    that only the run whose part fails gets the error.
     """
 
     def __init__(self, store: SqlStore) -> None:
@@ -68,16 +79,38 @@ class RunWriter:
                 taken, self._pending = self._pending, []
                 try:
                     await asyncio.to_thread(self._store.write_runs, [p for p, _ in taken])
+                except StoreError as exc:
+                    if len(taken) > 1 and not isinstance(exc, StoreUnavailable):
+                        for one in taken:
+                            await self._write_alone(one)
+                    else:
+                        _settle(taken, exc)
                 except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
-                    for _, future in taken:
-                        if not future.done():
-                            future.set_exception(exc)
+                    _settle(taken, exc)
                 else:
-                    for _, future in taken:
-                        if not future.done():
-                            future.set_result(None)
+                    _settle(taken, None)
         finally:
             self._busy = False
+
+    async def _write_alone(self, one: tuple[RunWrite, asyncio.Future[None]]) -> None:
+        try:
+            await asyncio.to_thread(self._store.write_runs, [one[0]])
+        except Exception as exc:  # noqa: BLE001 - handed to its caller
+            _settle([one], exc)
+        else:
+            _settle([one], None)
+
+
+def _settle(
+    waiting: list[tuple[RunWrite, asyncio.Future[None]]], error: BaseException | None
+) -> None:
+    for _, future in waiting:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
 
 
 class Nudge:
@@ -116,6 +149,8 @@ class SyncOutcome:
     resumed: bool
     error: str | None = None
     fatal: BaseException | None = field(default=None, repr=False)
+    # Another process took the run over (our lease ran out): it finishes the run.
+    taken_over: bool = False
 
 
 @dataclass(slots=True)
@@ -170,6 +205,10 @@ class SyncJob:
         self._counters = RunCounters()
         self._listing_done = False
         self._run_id = ""
+        # Why the run stopped when no signal stopped it (the lease), and whether
+        # another process holds the run now.
+        self._stop_reason: str | None = None
+        self._taken_over = False
 
     # -- the run -------------------------------------------------------------
 
@@ -225,10 +264,13 @@ class SyncJob:
             raise
         if fatal is None:
             if self._stop.is_set() and not self._complete():
-                status, error = RunStatus.INTERRUPTED, "stopped by a signal; resumable"
+                status = RunStatus.INTERRUPTED
+                error = self._stop_reason or "stopped by a signal; resumable"
             elif self._counters_total().failed or self._listing.problems:
                 status = RunStatus.PARTIAL
         counters = await self._finish(status, error)
+        if self._taken_over:
+            status, error, fatal = RunStatus.INTERRUPTED, "another process took the run over", None
         outcome = SyncOutcome(
             run_id=run.id,
             client_id=self._client_id,
@@ -240,6 +282,7 @@ class SyncJob:
             resumed=run.resumed,
             error=error,
             fatal=fatal,
+            taken_over=self._taken_over,
         )
         self._emit(done=True)
         self._run_metrics(status, outcome.seconds)
@@ -296,7 +339,15 @@ class SyncJob:
         if planned:
             # Pages known from `total` go out side by side, ahead of the sync
             # calls in the budget's queue, so the queue of campaigns never runs dry.
-            results = await asyncio.gather(*(self._fetch_page(n) for n in planned))
+            fetches = [asyncio.create_task(self._fetch_page(n)) for n in planned]
+            try:
+                results = await asyncio.gather(*fetches)
+            finally:
+                # One page failing ends the listing: the others must not go on
+                # spending quota for a run that is over.
+                for fetch in fetches:
+                    fetch.cancel()
+                await asyncio.gather(*fetches, return_exceptions=True)
             last_number = planned[-1]
             last_page, accepted = results[-1]
         nxt = self._listing.next_page(last_number, last_page, accepted)
@@ -381,7 +432,11 @@ class SyncJob:
         while True:
             timeout = None if flush_at is None else max(0.0, flush_at - self._clock.monotonic())
             try:
-                item = await asyncio.wait_for(self._writes.get(), timeout=timeout)
+                # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation
+                # that arrives as the item does, and a cancelled writer would then
+                # wait on an empty queue for ever.
+                async with asyncio.timeout(timeout):
+                    item = await self._writes.get()
             except TimeoutError:
                 await self._flush(batch)
                 batch, flush_at = [], None
@@ -414,19 +469,37 @@ class SyncJob:
 
     async def _heartbeat(self) -> None:
         every = max(0.05, self._opt.lease_seconds / 3)
+        renewed = self._clock.monotonic()
         while True:
             await self._clock.sleep(every)
-            ok = await asyncio.to_thread(
-                self._store.heartbeat,
-                self._run_id,
-                self._owner,
-                utcnow(self._clock),
-                self._opt.lease_seconds,
-            )
-            if not ok:
-                log.error("lost the run's lease to another process: stopping")
+            try:
+                ok = await asyncio.to_thread(
+                    self._store.heartbeat,
+                    self._run_id,
+                    self._owner,
+                    utcnow(self._clock),
+                    self._opt.lease_seconds,
+                )
+            except StoreError as exc:
+                if self._clock.monotonic() + every < renewed + self._opt.lease_seconds:
+                    # The lease still holds; the next beat tries again.
+                    log.warning("could not renew the run's lease; retrying", error=str(exc))
+                    continue
+                # Another process may take the run over from now on: make no more
+                # calls for it. Finishing tells whether it is still ours.
+                log.error(  # noqa: TRY400 - a known outage: its text, no traceback
+                    "could not renew the run's lease before it ran out: stopping",
+                    error=str(exc),
+                )
+                self._stop_reason = "could not renew the run's lease; resumable"
                 self._stop.set()
                 return
+            if not ok:
+                log.error("lost the run's lease to another process: stopping")
+                self._stop_reason = "another process took the run over"
+                self._stop.set()
+                return
+            renewed = self._clock.monotonic()
 
     def _complete(self) -> bool:
         return self._listing_done and self._queue.empty()
@@ -446,18 +519,24 @@ class SyncJob:
 
     async def _finish(self, status: RunStatus, error: str | None) -> RunCounters:
         counters = self._counters_total()
-        await asyncio.to_thread(
-            self._store.finish_run,
-            self._run_id,
-            self._owner,
-            status,
-            counters,
-            utcnow(self._clock),
-            error,
-            # A failed run keeps its checkpoint: the next run for the client resumes
-            # it and spends no quota again on the campaigns it already synced.
-            resumable=status in (RunStatus.INTERRUPTED, RunStatus.FAILED),
-        )
+        try:
+            await asyncio.to_thread(
+                self._store.finish_run,
+                self._run_id,
+                self._owner,
+                status,
+                counters,
+                utcnow(self._clock),
+                error,
+                # A failed run keeps its checkpoint: the next run for the client resumes
+                # it and spends no quota again on the campaigns it already synced.
+                resumable=status in (RunStatus.INTERRUPTED, RunStatus.FAILED),
+            )
+        except RunLocked as exc:
+            # Our lease ran out and another process holds the run: it finishes it,
+            # from the checkpoint we leave.
+            log.warning("another process took the run over; leaving it to it", error=str(exc))
+            self._taken_over = True
         return counters
 
     def _run_metrics(self, status: RunStatus, seconds: float) -> None:

@@ -304,16 +304,19 @@ def decide(
         if outcome.status in (RunStatus.SUCCEEDED, RunStatus.PARTIAL):
             return Decision(Action.DONE, f"run {outcome.status.value}")
         if outcome.status is RunStatus.INTERRUPTED:
+            if outcome.taken_over:
+                # Another process holds the run now and finishes it.
+                return Decision(Action.DONE, "another process took the run over")
             if stopping:
                 return Decision(
                     Action.CONTINUE, "worker stopping; run left resumable", 0.0, attempt
                 )
-            # Only a lost lease interrupts a run without a signal: another process
-            # holds it now and finishes it.
-            return Decision(Action.DONE, "another process took the run over")
-        error = outcome.fatal or error
-        if error is None:
-            error = AdsyncError(outcome.error or "run failed")
+            # The lease could not be renewed (database trouble): resume it soon.
+            error = error or StoreError(outcome.error or "run interrupted")
+        else:
+            error = outcome.fatal or error
+            if error is None:
+                error = AdsyncError(outcome.error or "run failed")
     if error is None:
         return Decision(Action.DONE, "nothing to do")
     reason = f"{type(error).__name__}: {error}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -115,8 +116,14 @@ def test_an_interrupted_run_is_handed_over_when_the_worker_stops() -> None:
     outcome = _outcome(RunStatus.INTERRUPTED)
     stopping = decide(3, POLICY, random.Random(1), outcome=outcome, stopping=True)
     assert (stopping.action, stopping.next_attempt, stopping.delay) == (Action.CONTINUE, 3, 0.0)
-    # Without a stop, only a lost lease interrupts a run: its new holder finishes it.
-    assert decide(3, POLICY, random.Random(1), outcome=outcome).action is Action.DONE
+    # Without a stop, a run is interrupted by its lease: taken over, the new holder
+    # finishes it; not renewable (database trouble), another attempt resumes it.
+    taken = replace(outcome, taken_over=True, error="another process took the run over")
+    assert decide(3, POLICY, random.Random(1), outcome=taken).action is Action.DONE
+    lapsed = replace(outcome, error="could not renew the run's lease; resumable")
+    retry = decide(3, POLICY, random.Random(1), outcome=lapsed)
+    assert (retry.action, retry.next_attempt) == (Action.RETRY, 4)
+    assert "could not renew" in retry.reason
 
 
 @given(st.integers(min_value=1, max_value=200), st.integers(min_value=0, max_value=2**32))

@@ -1,0 +1,254 @@
+"""The pipeline's endings against a scripted client and a real SQLite store.
+
+Each test drives one way a run can end badly (a fatal error mid-flight, a
+cancellation as a write arrives, a lease lost or not renewable, a page that
+cannot be listed, a run whose data the database refuses) and checks that the
+run ends, with the right status, and that nothing else is harmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from adsync.client import ClientStats, PlatformClient, parse_page
+from adsync.clock import SystemClock
+from adsync.errors import AuthError, StoreError, TransientError
+from adsync.models import (
+    Campaign,
+    ListedItem,
+    Page,
+    RunCounters,
+    RunStatus,
+    RunWrite,
+    SyncedCampaign,
+    SyncReceipt,
+)
+from adsync.store import SqlStore
+from adsync.sync import PipelineOptions, RunWriter, SyncJob
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class ScriptedClient:
+    """Lists ``n`` campaigns and syncs each after ``delay``; hooks make it misbehave."""
+
+    def __init__(self, n: int = 40, *, delay: float = 0.01, page_size: int = 10) -> None:
+        self.n, self.delay, self.page_size = n, delay, page_size
+        self.stats = ClientStats()
+        self.auth = SimpleNamespace(refreshes=0)
+        self.budget = SimpleNamespace(waited_seconds=0.0, seconds_for=lambda _n: 0.0)
+        self.synced: list[str] = []
+        self.pages_done: list[int] = []
+        self.fail_sync: dict[str, BaseException] = {}
+        self.page_delay: dict[int, float] = {}
+        self.fail_page: dict[int, BaseException] = {}
+
+    async def list_page(self, number: int, limit: int) -> Page:
+        self.stats.requests += 1
+        await asyncio.sleep(self.page_delay.get(number, 0.001))
+        if number in self.fail_page:
+            raise self.fail_page[number]
+        start = (number - 1) * limit
+        ids = range(start + 1, min(self.n, start + limit) + 1)
+        items = tuple(
+            ListedItem(f"c{i}", Campaign(f"c{i}", "n", "active", 1.0, 1, 1, 1, None)) for i in ids
+        )
+        self.pages_done.append(number)
+        return Page(number, limit, self.n, start + limit < self.n, items)
+
+    async def sync_campaign(self, campaign_id: str) -> SyncReceipt:
+        self.stats.requests += 1
+        await asyncio.sleep(self.delay)
+        if campaign_id in self.fail_sync:
+            raise self.fail_sync[campaign_id]
+        self.synced.append(campaign_id)
+        return SyncReceipt(campaign_id, datetime.now(UTC))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqlStore]:
+    s = SqlStore.from_url(f"sqlite:///{tmp_path / 'jobs.db'}", retry_attempts=1)
+    s.upgrade()
+    try:
+        yield s
+    finally:
+        s.dispose()
+
+
+def job(client: ScriptedClient, store: SqlStore, client_id: str = "acme", **opts: Any) -> SyncJob:
+    options = PipelineOptions(**{"concurrency": 4, "lease_seconds": 30.0, **opts})
+    return SyncJob(
+        cast(PlatformClient, client),
+        store,
+        client_id=client_id,
+        owner=f"host:1:{client_id}",
+        clock=SystemClock(),
+        options=options,
+    )
+
+
+async def test_a_writer_cancelled_as_a_campaign_arrives_stops(store: SqlStore) -> None:
+    # The writer holds a part-filled batch (so it waits with a timeout); a campaign
+    # arrives and the writer is cancelled in the same step of the loop.
+    j = job(ScriptedClient(), store, batch_interval=60.0)
+    campaign = Campaign("c1", "n", "active", 1.0, 1, 1, 1, None)
+    writer = asyncio.create_task(j._writer())
+    j._writes.put_nowait(SyncedCampaign(campaign, datetime.now(UTC)))
+    await asyncio.sleep(0.01)
+    j._writes.put_nowait(SyncedCampaign(campaign, datetime.now(UTC)))
+    writer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(writer, 2.0)
+
+
+async def test_a_fatal_error_at_any_moment_ends_the_run(store: SqlStore) -> None:
+    rng = random.Random(5)
+    for attempt in range(12):
+        client = ScriptedClient(n=150, delay=rng.uniform(0.001, 0.01))
+        client.fail_sync[f"c{rng.randint(20, 120)}"] = AuthError("credentials refused")
+        outcome = await asyncio.wait_for(
+            job(client, store, client_id=f"a{attempt}", batch_interval=0.02).run(), 10.0
+        )
+        assert outcome.status is RunStatus.FAILED
+        assert isinstance(outcome.fatal, AuthError)
+
+
+async def test_a_page_that_cannot_be_listed_stops_the_other_page_fetches(
+    store: SqlStore,
+) -> None:
+    client = ScriptedClient(n=100)
+    client.fail_page[3] = TransientError("503 after every retry")
+    for number in (2, 4, 5, 6, 7, 8, 9, 10):
+        client.page_delay[number] = 0.3
+    outcome = await job(client, store).run()
+    assert outcome.status is RunStatus.FAILED
+    await asyncio.sleep(0.5)
+    # Only the first page completed; the slow ones were abandoned with the run.
+    assert client.pages_done == [1]
+
+
+async def test_a_run_taken_over_ends_interrupted_and_left_to_the_new_owner(
+    store: SqlStore,
+) -> None:
+    client = ScriptedClient(n=40, delay=0.1)
+    task = asyncio.create_task(job(client, store, concurrency=2, lease_seconds=0.6).run())
+    await asyncio.sleep(0.5)
+    # Another process claims the run as if our lease had run out.
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    taken = await asyncio.to_thread(store.claim_run, "acme", "host:2:other", later, 60)
+    outcome = await asyncio.wait_for(task, 10.0)
+    assert outcome.status is RunStatus.INTERRUPTED
+    assert outcome.taken_over
+    assert outcome.error == "another process took the run over"
+    assert outcome.fatal is None
+    record = store.get_run(taken.id)
+    assert record is not None
+    assert record.status is RunStatus.RUNNING
+    assert record.owner == "host:2:other"
+
+
+async def test_a_heartbeat_that_fails_once_is_tried_again(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = store.heartbeat
+    calls: list[bool] = []
+
+    def flaky(*args: Any, **kwargs: Any) -> bool:
+        calls.append(True)
+        if len(calls) == 1:
+            raise StoreError("database unavailable after 1 attempts")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "heartbeat", flaky)
+    client = ScriptedClient(n=30, delay=0.05)
+    outcome = await job(client, store, concurrency=2, lease_seconds=0.6).run()
+    assert outcome.status is RunStatus.SUCCEEDED
+    assert len(calls) >= 3
+    assert sorted(client.synced) == sorted(f"c{i}" for i in range(1, 31))
+
+
+async def test_a_lease_that_cannot_be_renewed_stops_the_run_resumable(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def down(*args: Any, **kwargs: Any) -> bool:
+        raise StoreError("database unavailable after 1 attempts")
+
+    monkeypatch.setattr(store, "heartbeat", down)
+    client = ScriptedClient(n=200, delay=0.05)
+    outcome = await asyncio.wait_for(
+        job(client, store, concurrency=2, lease_seconds=0.6).run(), 10.0
+    )
+    assert outcome.status is RunStatus.INTERRUPTED
+    assert not outcome.taken_over
+    assert outcome.error == "could not renew the run's lease; resumable"
+    assert len(client.synced) < 200
+    record = store.get_run(outcome.run_id)
+    assert record is not None
+    assert record.status is RunStatus.INTERRUPTED
+    assert record.resumable
+
+
+async def test_a_run_the_database_refuses_does_not_fail_the_runs_it_shared_a_write_with(
+    store: SqlStore,
+) -> None:
+    now = datetime.now(UTC)
+    good = store.claim_run("good", "o1", now, 60)
+    bad = store.claim_run("bad", "o2", now, 60)
+    # Built directly, past validation: a date that overflows once moved to UTC.
+    edge = datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=5)))
+    writes = [
+        RunWrite(
+            good.id,
+            "good",
+            (SyncedCampaign(Campaign("g1", "g", "active", 1.0, 1, 1, 1, None), now),),
+            (),
+            RunCounters(synced=1),
+        ),
+        RunWrite(
+            bad.id,
+            "bad",
+            (SyncedCampaign(Campaign("b1", "b", "active", 1.0, 1, 1, 1, edge), now),),
+            (),
+            RunCounters(synced=1),
+        ),
+    ]
+    writer = RunWriter(store)
+    results = await asyncio.gather(*(writer.write(w) for w in writes), return_exceptions=True)
+    assert results[0] is None
+    assert isinstance(results[1], StoreError)
+    assert store.count_campaigns("good") == 1
+    assert store.count_campaigns("bad") == 0
+
+
+def test_a_created_at_outside_the_calendar_in_utc_is_bad_data() -> None:
+    def listed(created_at: str) -> ListedItem:
+        item = {
+            "id": "c1",
+            "name": "x",
+            "status": "active",
+            "budget": 1,
+            "impressions": 1,
+            "clicks": 1,
+            "conversions": 1,
+            "created_at": created_at,
+        }
+        page = parse_page(
+            {"data": [item], "pagination": {"page": 1, "limit": 10, "total": 1, "has_more": False}}
+        )
+        return page.items[0]
+
+    early = listed("0001-01-01T00:00:00+05:00")
+    assert early.campaign is None
+    assert early.error is not None
+    assert "created_at" in early.error
+    fine = listed("2026-03-01T12:00:00+02:00")
+    assert fine.campaign is not None
+    assert fine.campaign.created_at == datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
