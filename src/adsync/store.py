@@ -22,6 +22,7 @@ most one ``running`` run per client.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -83,6 +84,7 @@ __all__ = [
     "SqlStore",
     "Store",
     "UTCDateTime",
+    "host_identity",
     "is_transient",
     "make_owner",
     "metadata",
@@ -108,20 +110,38 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@functools.cache
+def host_identity() -> str:
+    """This host as the processes that see one another's pids know it.
+
+    The host name, and on Linux the pid namespace too: containers that share a
+    host name (host networking) each number their processes on their own, so a
+    pid missing here says nothing about a process in the container next door.
+    """
+    host = socket.gethostname()
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # e.g. "pid:[4026531836]"
+    except OSError:
+        return host
+    inode = "".join(c for c in namespace if c.isdigit())
+    return f"{host}@{inode}" if inode else host
+
+
 def make_owner() -> str:
-    """A lease owner string for this process: ``host:pid:random``."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+    """A lease owner string for this process: ``host:pid:random`` (host: :func:`host_identity`)."""
+    return f"{host_identity()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
 def local_owner_is_dead(owner: str) -> bool:
     """Whether ``owner`` names a process of this host that no longer exists.
 
-    Only a definite answer counts: another host, an unreadable owner or a pid
-    that exists (even if reused) all say "not known dead", and the lease decides.
+    Only a definite answer counts: another host (or pid namespace), an unreadable
+    owner or a pid that exists (even if reused) all say "not known dead", and the
+    lease decides.
     """
     host, _, rest = owner.partition(":")
     pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
+    if host != host_identity() or not pid_text.isdigit():
         return False
     pid = int(pid_text)
     if pid == os.getpid():
