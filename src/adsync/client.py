@@ -21,7 +21,14 @@ from pydantic import ValidationError
 from adsync.auth import TokenProvider
 from adsync.clock import Clock
 from adsync.errors import AuthError, PermanentError, RateLimited, TransientError
-from adsync.models import Campaign, ListedItem, Page, PagePayload, SyncReceipt
+from adsync.models import (
+    Campaign,
+    ListedItem,
+    Page,
+    PagePayload,
+    SyncReceipt,
+    is_storable_id,
+)
 from adsync.ratelimit import RateBudget, Send
 from adsync.retry import RetryPolicy, RetryStats, parse_retry_after, retrying
 
@@ -86,7 +93,10 @@ def parse_page(body: Any) -> Page:
     items = []
     for raw in payload.data:
         raw_id = raw.get("id") if isinstance(raw, dict) else None
-        campaign_id = raw_id if isinstance(raw_id, str) and raw_id else None
+        # A bad campaign is recorded under its id, when that id could be stored:
+        # one the database cannot hold (NUL, too long) would sink the run's
+        # bookkeeping instead, so such an item goes on record without an id.
+        campaign_id = raw_id if is_storable_id(raw_id) else None
         try:
             items.append(ListedItem(campaign_id, Campaign.from_payload(raw)))
         except Exception as exc:  # noqa: BLE001 - any validation problem becomes data

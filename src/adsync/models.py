@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeGuard
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -27,12 +27,20 @@ def describe_problems(exc: ValidationError, whole: str = "item") -> str:
     )
 
 
+MAX_ID_LENGTH = 255
+
+
+def is_storable_id(value: object) -> TypeGuard[str]:
+    """Whether ``value`` can key a campaign in the database (PostgreSQL and SQLite)."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and "\x00" not in value
+
+
 class CampaignPayload(BaseModel):
     """One campaign as the platform lists it. Unknown statuses are data, not errors."""
 
     model_config = ConfigDict(extra="ignore", strict=False)
 
-    id: str = Field(min_length=1, max_length=255)
+    id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     name: str = Field(max_length=10_000)
     status: str = Field(min_length=1, max_length=64)
     budget: float
@@ -162,7 +170,7 @@ class CampaignFailure:
 
     campaign_id: str
     reason: str
-    kind: str  # "payload", "sync", "duplicate"
+    kind: str  # "payload", "sync", "duplicate", "store"
 
 
 class RunStatus(StrEnum):

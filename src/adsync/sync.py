@@ -454,6 +454,31 @@ class SyncJob:
 
     async def _flush(self, batch: list[SyncedCampaign]) -> None:
         failures, self._pending_failures = self._pending_failures, []
+        try:
+            await self._write(batch, failures)
+        except StoreError as exc:
+            if isinstance(exc, StoreUnavailable | RunLocked) or not batch:
+                raise
+            # The database refused something in the batch, and it is not down:
+            # write the campaigns one by one and record the one it refuses as
+            # failed, so that one bad value costs one campaign, not the run.
+            await self._write([], failures)
+            for synced in batch:
+                try:
+                    await self._write([synced], [])
+                except StoreUnavailable:
+                    raise
+                except StoreError as refused:
+                    self._fail(
+                        CampaignFailure(
+                            synced.campaign.id, f"the database refused it: {refused}", "store"
+                        )
+                    )
+            # Recorded now: this may be the writer's last flush.
+            refusals, self._pending_failures = self._pending_failures, []
+            await self._write([], refusals)
+
+    async def _write(self, batch: list[SyncedCampaign], failures: list[CampaignFailure]) -> None:
         counters = self._counters_total()
         counters.synced += len(batch)
         # Failures, campaigns and the counters that include them: one transaction,

@@ -1,4 +1,4 @@
-"""The pipeline's endings against a scripted client and a real SQLite store.
+"""The pipeline's endings against a scripted client, on SQLite and PostgreSQL.
 
 Each test drives one way a run can end badly (a fatal error mid-flight, a
 cancellation as a write arrives, a lease lost or not renewable, a page that
@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -50,6 +48,10 @@ class ScriptedClient:
         self.fail_sync: dict[str, BaseException] = {}
         self.page_delay: dict[int, float] = {}
         self.fail_page: dict[int, BaseException] = {}
+        # Items listed on the first page besides the n campaigns.
+        self.extra: list[ListedItem] = []
+        # Campaigns listed as they are given here instead of the plain ones.
+        self.listed_as: dict[str, Campaign] = {}
 
     async def list_page(self, number: int, limit: int) -> Page:
         self.stats.requests += 1
@@ -59,10 +61,16 @@ class ScriptedClient:
         start = (number - 1) * limit
         ids = range(start + 1, min(self.n, start + limit) + 1)
         items = tuple(
-            ListedItem(f"c{i}", Campaign(f"c{i}", "n", "active", 1.0, 1, 1, 1, None)) for i in ids
+            ListedItem(
+                f"c{i}",
+                self.listed_as.get(f"c{i}", Campaign(f"c{i}", "n", "active", 1.0, 1, 1, 1, None)),
+            )
+            for i in ids
         )
+        if number == 1:
+            items += tuple(self.extra)
         self.pages_done.append(number)
-        return Page(number, limit, self.n, start + limit < self.n, items)
+        return Page(number, limit, self.n + len(self.extra), start + limit < self.n, items)
 
     async def sync_campaign(self, campaign_id: str) -> SyncReceipt:
         self.stats.requests += 1
@@ -71,16 +79,6 @@ class ScriptedClient:
             raise self.fail_sync[campaign_id]
         self.synced.append(campaign_id)
         return SyncReceipt(campaign_id, datetime.now(UTC))
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqlStore]:
-    s = SqlStore.from_url(f"sqlite:///{tmp_path / 'jobs.db'}", retry_attempts=1)
-    s.upgrade()
-    try:
-        yield s
-    finally:
-        s.dispose()
 
 
 def job(client: ScriptedClient, store: SqlStore, client_id: str = "acme", **opts: Any) -> SyncJob:
@@ -252,3 +250,38 @@ def test_a_created_at_outside_the_calendar_in_utc_is_bad_data() -> None:
     fine = listed("2026-03-01T12:00:00+02:00")
     assert fine.campaign is not None
     assert fine.campaign.created_at == datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
+
+
+async def test_a_campaign_the_database_refuses_is_recorded_and_the_others_stored(
+    store: SqlStore,
+) -> None:
+    client = ScriptedClient(n=30)
+    # Built directly, past validation: a date that overflows once moved to UTC.
+    edge = datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=5)))
+    client.listed_as["c7"] = Campaign("c7", "n", "active", 1.0, 1, 1, 1, edge)
+    outcome = await job(client, store).run()
+    assert outcome.status is RunStatus.PARTIAL
+    assert [(f.campaign_id, f.kind) for f in outcome.failures] == [("c7", "store")]
+    assert "the database refused it" in outcome.failures[0].reason
+    assert store.count_campaigns("acme") == 29
+    assert [f.campaign_id for f in store.run_failures(outcome.run_id)] == ["c7"]
+    assert outcome.counters.synced == 29
+    assert outcome.counters.failed == 1
+
+
+async def test_a_malformed_campaign_with_an_id_the_database_cannot_hold_is_recorded(
+    store: SqlStore,
+) -> None:
+    page = parse_page(
+        {
+            "data": [{"id": "bad\x00id", "name": 1}, {"id": "x" * 300, "name": 2}],
+            "pagination": {"page": 1, "limit": 10, "total": 2, "has_more": False},
+        }
+    )
+    assert [item.campaign_id for item in page.items] == [None, None]
+    client = ScriptedClient(n=20)
+    client.extra = list(page.items)
+    outcome = await job(client, store).run()
+    assert outcome.status is RunStatus.PARTIAL
+    assert [f.kind for f in outcome.failures] == ["payload", "payload"]
+    assert store.count_campaigns("acme") == 20
