@@ -34,7 +34,7 @@ from adsync.runner import (
     sync_many,
 )
 from adsync.simulator.cli import simulate
-from adsync.store import SqlStore
+from adsync.store import SqlStore, database_secrets
 from adsync.sync import Progress as RunProgress
 from adsync.sync import SyncOutcome
 
@@ -64,9 +64,7 @@ def _setup(level: str, fmt: str, *all_settings: Settings) -> None:
     secrets: list[str] = []
     for settings in all_settings:
         secrets.append(settings.password.get_secret_value())
-        url = settings.database_url.get_secret_value()
-        if "@" in url and ":" in url.split("@", 1)[0].split("//", 1)[-1]:
-            secrets.append(url.split("@", 1)[0].split("//", 1)[-1].split(":", 1)[1])
+        secrets.extend(database_secrets(settings.database_url.get_secret_value()))
     if fmt not in ("auto", "json", "console"):
         raise ConfigError(f"--log-format must be auto, json or console, not {fmt!r}")
     configure_logging(level, fmt, extra_secrets=secrets)  # type: ignore[arg-type]

@@ -59,7 +59,14 @@ from tenacity import (
 )
 
 from adsync.config import sqlalchemy_url
-from adsync.errors import AdsyncError, AmbiguousRunId, RunLocked, StoreError, StoreUnavailable
+from adsync.errors import (
+    AdsyncError,
+    AmbiguousRunId,
+    ConfigError,
+    RunLocked,
+    StoreError,
+    StoreUnavailable,
+)
 from adsync.models import (
     CampaignFailure,
     Checkpoint,
@@ -84,6 +91,7 @@ __all__ = [
     "SqlStore",
     "Store",
     "UTCDateTime",
+    "database_secrets",
     "host_identity",
     "is_transient",
     "make_owner",
@@ -125,6 +133,24 @@ def host_identity() -> str:
         return host
     inode = "".join(c for c in namespace if c.isdigit())
     return f"{host}@{inode}" if inode else host
+
+
+# Query parameters of a database URL that carry a secret (libpq's names).
+_SECRET_QUERY_KEYS = ("password", "sslpassword")
+
+
+def database_secrets(database_url: str | sa.URL) -> list[str]:
+    """The secrets a database URL carries: its password, also as a query parameter."""
+    try:
+        url = sa.make_url(database_url) if isinstance(database_url, str) else database_url
+    except (ArgumentError, ValueError):
+        return []
+    found = [str(url.password)] if url.password else []
+    for key in _SECRET_QUERY_KEYS:
+        value = url.query.get(key)
+        values = [value] if isinstance(value, str) else list(value or ())
+        found.extend(v for v in values if v)
+    return found
 
 
 def make_owner() -> str:
@@ -423,12 +449,21 @@ class SqlStore:
 
     @classmethod
     def from_url(cls, database_url: str, **kw: Any) -> SqlStore:
-        """Build the engine (one pool for the process) and the store over it."""
+        """Build the engine (one pool for the process) and the store over it.
+
+        A URL that cannot be used is a :class:`ConfigError` (exit 2), never a
+        database outage to retry.
+        """
+        netloc = database_url.partition("://")[2].partition("/")[0]
+        if netloc.count("@") > 1:
+            # user:p@ss@host parses as host "ss@host": the password would be
+            # half taken for a host name, and printed with it.
+            raise ConfigError("invalid DATABASE_URL: write an @ in the password as %40")
         try:
             url = sa.make_url(sqlalchemy_url(database_url))
             url.port  # noqa: B018 - a non-numeric port only fails when read
         except (ArgumentError, ValueError):
-            raise StoreError(
+            raise ConfigError(
                 "invalid DATABASE_URL: expected sqlite:///PATH or postgresql://USER@HOST/DB"
             ) from None
         engine_kw: dict[str, Any] = {"pool_pre_ping": True}
@@ -445,7 +480,10 @@ class SqlStore:
         try:
             engine = sa.create_engine(url, **engine_kw)
         except (ArgumentError, ImportError) as exc:
-            raise StoreError(f"cannot use DATABASE_URL: {type(exc).__name__}") from None
+            raise ConfigError(
+                f"cannot use DATABASE_URL: {type(exc).__name__} (adsync supports "
+                "sqlite:///PATH and postgresql://USER@HOST/DB)"
+            ) from None
         return cls(engine, **kw)
 
     def dispose(self) -> None:
@@ -1083,7 +1121,8 @@ class SqlStore:
         )
 
     def _where(self) -> str:
-        return self.engine.url.render_as_string(hide_password=True)
+        url = self.engine.url.difference_update_query(_SECRET_QUERY_KEYS)
+        return url.render_as_string(hide_password=True)
 
     def _describe(self, exc: BaseException) -> str:
         """Class, SQLSTATE and first line of the driver's message, password scrubbed.
@@ -1094,9 +1133,8 @@ class SqlStore:
         code = getattr(orig, "sqlstate", None) or getattr(orig, "sqlite_errorname", None)
         lines = str(orig).strip().splitlines()
         text = f"{type(orig).__name__}{f' [{code}]' if code else ''}: {lines[0] if lines else ''}"
-        password = self.engine.url.password
-        if password:
-            text = text.replace(str(password), "***")
+        for secret in database_secrets(self.engine.url):
+            text = text.replace(secret, "***")
         return text
 
 

@@ -1,0 +1,49 @@
+"""DATABASE_URL: what is refused as bad configuration, and what never gets printed."""
+
+from __future__ import annotations
+
+import pytest
+
+from adsync.errors import ConfigError
+from adsync.store import SqlStore, database_secrets
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql://u:p@ss@db.example/adsync", "write an @ in the password as %40"),
+        ("postgresql://u:p@db.example:notaport/adsync", "invalid DATABASE_URL"),
+        ("mysql://u:p@db.example/adsync", "cannot use DATABASE_URL"),
+        ("postgresql+asyncpg://u:p@db.example/adsync", "cannot use DATABASE_URL"),
+    ],
+)
+def test_an_unusable_url_is_bad_configuration(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        SqlStore.from_url(url)
+    assert "p@ss" not in str(info.value)
+
+
+def test_the_password_is_found_in_the_userinfo_and_in_the_query() -> None:
+    assert database_secrets("postgresql://u:s3cret@db/a") == ["s3cret"]
+    assert database_secrets("postgresql://u@db/a?password=qs3cret&sslmode=require") == ["qs3cret"]
+    assert database_secrets("postgresql://u%40x:p%40ss@db/a") == ["p@ss"]
+    assert database_secrets("sqlite:///adsync.db") == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:hunter2secret@127.0.0.1:1/a",
+        "postgresql://u@127.0.0.1:1/a?password=hunter2secret&connect_timeout=1",
+        "postgresql://u@127.0.0.1:1/a?sslpassword=hunter2secret",
+    ],
+)
+def test_where_a_store_points_never_shows_a_password(url: str) -> None:
+    store = SqlStore.from_url(url)
+    try:
+        assert "hunter2secret" not in store._where()
+        assert "127.0.0.1" in store._where()
+        described = store._describe(RuntimeError("auth failed for hunter2secret"))
+        assert "hunter2secret" not in described
+    finally:
+        store.dispose()
