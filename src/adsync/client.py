@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -33,6 +33,8 @@ from adsync.ratelimit import RateBudget, Send
 from adsync.retry import RetryPolicy, RetryStats, parse_retry_after, retrying
 
 log = structlog.get_logger("adsync.client")
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -66,8 +68,10 @@ def classify(response: httpx.Response, now_wall: float) -> Exception | None:
         return RateLimited(f"rate limited: {message}", status=status, retry_after=retry_after)
     if status >= 500:
         return TransientError(f"HTTP {status}: {message}", status=status, retry_after=retry_after)
-    if status in (401, 403):
+    if status == 401:
+        # The token: refreshed once and tried again by the caller.
         return AuthError(f"HTTP {status}: {message}")
+    # 403 and every other 4xx: this request will not succeed by repeating it.
     return PermanentError(f"HTTP {status}: {message}", status=status)
 
 
@@ -134,29 +138,36 @@ class PlatformClient:
 
     async def list_page(self, page: int, limit: int) -> Page:
         """One page of the campaign listing."""
-        body = await self._call(
-            "GET", "/api/campaigns", "list", params={"page": page, "limit": limit}
+        return await self._call(
+            "GET", "/api/campaigns", "list", parse_page, params={"page": page, "limit": limit}
         )
-        return parse_page(body)
 
     async def sync_campaign(self, campaign_id: str) -> SyncReceipt:
         """Ask the platform to sync one campaign (slow); success only on ``success: true``."""
         path = f"/api/campaigns/{quote(campaign_id, safe='')}/sync"
-        body = await self._call("POST", path, "sync", json_body={"campaign_id": campaign_id})
-        if not isinstance(body, dict) or body.get("success") is not True:
-            raise TransientError("sync call did not report success")
-        synced_at = _parse_time(body.get("synced_at"), self._clock.wall())
-        return SyncReceipt(campaign_id=campaign_id, synced_at=synced_at)
+
+        def receipt(body: Any) -> SyncReceipt:
+            if not isinstance(body, dict) or body.get("success") is not True:
+                raise TransientError("sync call did not report success")
+            synced_at = _parse_time(body.get("synced_at"), self._clock.wall())
+            return SyncReceipt(campaign_id=campaign_id, synced_at=synced_at)
+
+        return await self._call(
+            "POST", path, "sync", receipt, json_body={"campaign_id": campaign_id}
+        )
 
     async def _call(
         self,
         method: str,
         path: str,
         endpoint: str,
+        parse: Callable[[Any], T],
         *,
         params: dict[str, Any] | None = None,
         json_body: Any = None,
-    ) -> Any:
+    ) -> T:
+        """One request with retries; ``parse`` reads the answer inside them, so a
+        malformed answer is retried like any other transient failure."""
         stats = RetryStats()
 
         def on_retry(exc: BaseException, wait: float) -> None:
@@ -165,7 +176,7 @@ class PlatformClient:
         try:
             async for attempt in retrying(self._policy, self._clock, self._rng, stats, on_retry):
                 with attempt:
-                    return await self._attempt(method, path, endpoint, params, json_body)
+                    return parse(await self._attempt(method, path, endpoint, params, json_body))
         finally:
             self.stats.retries += stats.retries
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
@@ -210,6 +221,10 @@ class PlatformClient:
             except httpx.TransportError as exc:
                 self._record(endpoint, "connection", started)
                 raise TransientError(f"{endpoint} request failed: {type(exc).__name__}") from exc
+            except httpx.DecodingError as exc:
+                # A body its Content-Encoding cannot undo: as broken as bad JSON.
+                self._record(endpoint, "invalid_json", started)
+                raise TransientError(f"{endpoint}: undecodable body in the answer") from exc
             error = classify(response, self._clock.wall())
             if error is None:
                 try:
@@ -223,12 +238,12 @@ class PlatformClient:
                 return body
             self._record(endpoint, str(response.status_code), started)
             if isinstance(error, AuthError):
+                # Unauthenticated requests are not counted by the platform.
+                self.budget.forget(send)
                 if refreshed:
                     # A fresh token refused again: maybe invalidated by a newer login
                     # elsewhere. Worth a retry with backoff, not an endless loop.
                     raise TransientError(f"{endpoint}: token refused after refresh")
-                # Unauthenticated requests are not counted by the platform.
-                self.budget.forget(send)
                 self.auth.invalidate(token)
                 refreshed = True
                 continue

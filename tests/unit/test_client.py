@@ -264,6 +264,61 @@ async def test_sync_without_success_is_not_success() -> None:
     platform = Platform(clock, lambda r: httpx.Response(200, json={"success": False}))
     with pytest.raises(TransientError, match="success"):
         await make_client(platform, clock, attempts=2).sync_campaign("c1")
+    # Retried like any transient failure, within the attempts.
+    assert len(platform.api_calls) == 2
+
+
+async def test_a_malformed_page_is_retried() -> None:
+    clock = FakeClock()
+    answers = [
+        httpx.Response(200, json={"data": "not a list"}),
+        httpx.Response(200, json=page_body([campaign(1)], total=1)),
+    ]
+    platform = Platform(clock, lambda r: answers.pop(0))
+    client = make_client(platform, clock)
+    page = await client.list_page(1, 10)
+    assert len(page.items) == 1
+    assert client.stats.retries == 1
+
+
+async def test_a_body_that_cannot_be_decoded_is_retried() -> None:
+    clock = FakeClock()
+    answers = [
+        httpx.Response(
+            200, stream=httpx.ByteStream(b"not gzip at all"), headers={"Content-Encoding": "gzip"}
+        ),
+        httpx.Response(200, json=page_body([campaign(1)], total=1)),
+    ]
+    platform = Platform(clock, lambda r: answers.pop(0))
+    client = make_client(platform, clock)
+    page = await client.list_page(1, 10)
+    assert len(page.items) == 1
+    assert client.stats.retries == 1
+
+
+async def test_a_403_is_not_retried_and_still_counts() -> None:
+    clock = FakeClock()
+    platform = Platform(clock, lambda r: httpx.Response(403, json={"error": "Forbidden"}))
+    client = make_client(platform, clock)
+    with pytest.raises(PermanentError, match="403"):
+        await client.list_page(1, 10)
+    assert len(platform.api_calls) == 1
+    assert platform.tokens == 1
+    # It passed authentication, so the platform counted it.
+    assert client.budget.in_window(clock.monotonic()) == 1
+
+
+async def test_a_token_the_api_always_refuses_is_bounded_and_spends_no_quota() -> None:
+    clock = FakeClock()
+    platform = Platform(clock, lambda r: httpx.Response(401, json={"error": "Token expired"}))
+    client = make_client(platform, clock, attempts=3)
+    with pytest.raises(TransientError, match="token refused after refresh"):
+        await client.list_page(1, 10)
+    # Each attempt: the request, one refresh, the request again.
+    assert len(platform.api_calls) == 6
+    assert platform.tokens == 4
+    # Refused as unauthenticated: none of them counted by the platform.
+    assert client.budget.in_window(clock.monotonic()) == 0
 
 
 def test_parse_page_keeps_bad_items_as_data() -> None:
