@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from adsync.config import Settings, load_settings
+from adsync.config import CLIENT_ID_PATTERN, Settings, load_settings
 from adsync.errors import ConfigError
 from adsync.models import describe_problems
 
@@ -34,9 +34,9 @@ DEFAULT_ACCOUNTS_FILE = "accounts.toml"
 class AccountEntry(BaseModel):
     """One ``[[accounts]]`` table, as written."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    client_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")
+    client_id: str = Field(min_length=1, max_length=128, pattern=CLIENT_ID_PATTERN)
     email: str = Field(min_length=3)
     password_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     password_file: Path | None = None

@@ -265,6 +265,8 @@ def sync(
     with errors(verbose):
         if all_accounts or client:
             accounts = select(load_accounts(accounts_file), list(client or []))
+            if not accounts:
+                raise ConfigError("no enabled account in the accounts file")
             settings_list = [account.settings() for account in accounts]
         else:
             settings_list = [load_settings()]

@@ -21,18 +21,31 @@ def _env(name: str) -> Any:
     return Field(validation_alias=AliasChoices(name, name.lower()))
 
 
+CLIENT_ID_PATTERN = r"^[A-Za-z0-9._:@-]+$"
+
+
 class Settings(BaseSettings):
     """Everything adsync needs to sync one account."""
 
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        # An infinite timeout or window is no setting: it overflows or never ends.
+        allow_inf_nan=False,
     )
 
     api_url: str = Field(default="http://127.0.0.1:3001", validation_alias="AD_PLATFORM_API_URL")
     email: str = Field(validation_alias="AD_PLATFORM_EMAIL", min_length=3)
     password: SecretStr = Field(validation_alias="AD_PLATFORM_PASSWORD")
+    # Sent as a header: printable ASCII only, as in the accounts file.
     client_id: str = Field(
-        default="default", validation_alias="AD_PLATFORM_CLIENT_ID", min_length=1, max_length=128
+        default="default",
+        validation_alias="AD_PLATFORM_CLIENT_ID",
+        min_length=1,
+        max_length=128,
+        pattern=CLIENT_ID_PATTERN,
     )
     rate_limit: int = Field(default=10, validation_alias="AD_PLATFORM_RATE_LIMIT", ge=1)
     rate_window: float = Field(default=60.0, validation_alias="AD_PLATFORM_RATE_WINDOW", gt=0)

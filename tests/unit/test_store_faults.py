@@ -16,7 +16,7 @@ from sqlalchemy import event
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-from adsync.errors import StoreError
+from adsync.errors import ConfigError, StoreError
 from adsync.models import Checkpoint, RunCounters, RunRecord, RunStatus
 from adsync.store import SqlStore, UTCDateTime, is_transient
 
@@ -146,7 +146,7 @@ def test_password_never_appears_even_if_the_driver_echoes_it() -> None:
     ["notadb://user:hunter2@host/db", "postgresql+nosuchdriver://user:hunter2@host/db", ":::"],
 )
 def test_bad_urls_are_reported_without_echoing_them(url: str) -> None:
-    with pytest.raises(StoreError, match="DATABASE_URL") as info:
+    with pytest.raises(ConfigError, match="DATABASE_URL") as info:
         SqlStore.from_url(url)
     assert "hunter2" not in str(info.value)
 
