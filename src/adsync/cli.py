@@ -67,6 +67,8 @@ def _setup(level: str, fmt: str, *all_settings: Settings) -> None:
         secrets.extend(database_secrets(settings.database_url.get_secret_value()))
     if fmt not in ("auto", "json", "console"):
         raise ConfigError(f"--log-format must be auto, json or console, not {fmt!r}")
+    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"--log-level must be DEBUG, INFO, WARNING or ERROR, not {level!r}")
     configure_logging(level, fmt, extra_secrets=secrets)  # type: ignore[arg-type]
 
 

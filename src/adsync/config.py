@@ -38,7 +38,7 @@ class Settings(BaseSettings):
 
     api_url: str = Field(default="http://127.0.0.1:3001", validation_alias="AD_PLATFORM_API_URL")
     email: str = Field(validation_alias="AD_PLATFORM_EMAIL", min_length=3)
-    password: SecretStr = Field(validation_alias="AD_PLATFORM_PASSWORD")
+    password: SecretStr = Field(validation_alias="AD_PLATFORM_PASSWORD", min_length=1)
     # Sent as a header: printable ASCII only, as in the accounts file.
     client_id: str = Field(
         default="default",

@@ -23,11 +23,12 @@ BASE = {"AD_PLATFORM_EMAIL": "me@x.io", "AD_PLATFORM_PASSWORD": "pw-123456"}
         ("AD_PLATFORM_RATE_WINDOW", "nan"),
         ("AD_PLATFORM_CLIENT_ID", "é"),
         ("AD_PLATFORM_CLIENT_ID", "bad\nid"),
+        ("AD_PLATFORM_PASSWORD", ""),
     ],
 )
 def test_a_setting_that_cannot_work_is_refused_by_name(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
-        load_settings(**BASE, **{name: value})
+        load_settings(**{**BASE, name: value})
 
 
 def test_an_infinite_window_in_the_accounts_file_is_refused() -> None:
@@ -47,3 +48,11 @@ def test_sync_all_with_no_enabled_account_is_bad_configuration(
     result = CliRunner().invoke(app, ["sync", "--all", "--accounts", str(accounts)])
     assert result.exit_code == 2, result.output
     assert "no enabled account" in result.output
+
+
+def test_an_unknown_log_level_is_bad_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in BASE.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(app, ["sync", "--log-level", "BOGUS"])
+    assert result.exit_code == 2, result.output
+    assert "--log-level" in result.output
