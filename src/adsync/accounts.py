@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from adsync.config import CLIENT_ID_PATTERN, Settings, load_settings
+from adsync.config import CLIENT_ID_PATTERN, MAX_SECONDS, Settings, load_settings
 from adsync.errors import ConfigError
 from adsync.models import describe_problems
 
@@ -42,7 +42,7 @@ class AccountEntry(BaseModel):
     password_file: Path | None = None
     api_url: str | None = None
     rate_limit: int | None = Field(default=None, ge=1)
-    rate_window: float | None = Field(default=None, gt=0)
+    rate_window: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
     enabled: bool = True
 
     @model_validator(mode="after")

@@ -23,6 +23,11 @@ def _env(name: str) -> Any:
 
 CLIENT_ID_PATTERN = r"^[A-Za-z0-9._:@-]+$"
 
+# The longest any duration setting may be. Nothing adsync waits for takes longer,
+# and a value no one means (1e12 s) would overflow a date or a timer far from
+# where it was set instead of being refused by name.
+MAX_SECONDS = 86_400
+
 
 class Settings(BaseSettings):
     """Everything adsync needs to sync one account."""
@@ -48,31 +53,35 @@ class Settings(BaseSettings):
         pattern=CLIENT_ID_PATTERN,
     )
     rate_limit: int = Field(default=10, validation_alias="AD_PLATFORM_RATE_LIMIT", ge=1)
-    rate_window: float = Field(default=60.0, validation_alias="AD_PLATFORM_RATE_WINDOW", gt=0)
+    rate_window: float = Field(
+        default=60.0, validation_alias="AD_PLATFORM_RATE_WINDOW", gt=0, le=MAX_SECONDS
+    )
     rate_margin: float = Field(
         default=0.01, validation_alias="AD_PLATFORM_RATE_MARGIN", ge=0, le=0.5
     )
     page_size: int = Field(default=10, validation_alias="AD_PLATFORM_PAGE_SIZE", ge=1, le=1000)
     max_pages: int = Field(default=10_000, validation_alias="AD_PLATFORM_MAX_PAGES", ge=1)
     connect_timeout: float = Field(
-        default=5.0, validation_alias="AD_PLATFORM_CONNECT_TIMEOUT", gt=0
+        default=5.0, validation_alias="AD_PLATFORM_CONNECT_TIMEOUT", gt=0, le=MAX_SECONDS
     )
     request_timeout: float = Field(
-        default=15.0, validation_alias="AD_PLATFORM_REQUEST_TIMEOUT", gt=0
+        default=15.0, validation_alias="AD_PLATFORM_REQUEST_TIMEOUT", gt=0, le=MAX_SECONDS
     )
     request_deadline: float = Field(
-        default=30.0, validation_alias="AD_PLATFORM_REQUEST_DEADLINE", gt=0
+        default=30.0, validation_alias="AD_PLATFORM_REQUEST_DEADLINE", gt=0, le=MAX_SECONDS
     )
     max_attempts: int = Field(default=8, validation_alias="AD_PLATFORM_MAX_ATTEMPTS", ge=1)
     retry_budget_seconds: float = Field(
-        default=600.0, validation_alias="AD_PLATFORM_RETRY_BUDGET_SECONDS", gt=0
+        default=600.0, validation_alias="AD_PLATFORM_RETRY_BUDGET_SECONDS", gt=0, le=MAX_SECONDS
     )
     backoff_initial: float = Field(
-        default=1.0, validation_alias="AD_PLATFORM_BACKOFF_INITIAL", ge=0
+        default=1.0, validation_alias="AD_PLATFORM_BACKOFF_INITIAL", ge=0, le=MAX_SECONDS
     )
-    backoff_max: float = Field(default=30.0, validation_alias="AD_PLATFORM_BACKOFF_MAX", ge=0)
+    backoff_max: float = Field(
+        default=30.0, validation_alias="AD_PLATFORM_BACKOFF_MAX", ge=0, le=MAX_SECONDS
+    )
     token_refresh_margin: float = Field(
-        default=60.0, validation_alias="AD_PLATFORM_TOKEN_REFRESH_MARGIN", ge=0
+        default=60.0, validation_alias="AD_PLATFORM_TOKEN_REFRESH_MARGIN", ge=0, le=MAX_SECONDS
     )
     max_concurrency: int = Field(
         default=32, validation_alias="AD_PLATFORM_MAX_CONCURRENCY", ge=1, le=1000
@@ -86,7 +95,9 @@ class Settings(BaseSettings):
     db_retry_attempts: int = Field(
         default=5, validation_alias="ADSYNC_DB_RETRY_ATTEMPTS", ge=1, le=100
     )
-    db_retry_wait: float = Field(default=0.5, validation_alias="ADSYNC_DB_RETRY_WAIT", ge=0)
+    db_retry_wait: float = Field(
+        default=0.5, validation_alias="ADSYNC_DB_RETRY_WAIT", ge=0, le=MAX_SECONDS
+    )
 
     @field_validator("api_url")
     @classmethod

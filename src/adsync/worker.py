@@ -62,7 +62,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from structlog.typing import FilteringBoundLogger
 
 from adsync.accounts import load_accounts, select
-from adsync.config import Settings
+from adsync.config import MAX_SECONDS, Settings
 from adsync.errors import (
     AdsyncError,
     AuthError,
@@ -127,22 +127,26 @@ class WorkerSettings(BaseSettings):
 
     schedule_minutes: int = Field(default=60, validation_alias="ADSYNC_SCHEDULE_MINUTES", ge=0)
     heartbeat_seconds: float = Field(
-        default=10.0, validation_alias="ADSYNC_WORKER_HEARTBEAT_SECONDS", gt=0
+        default=10.0, validation_alias="ADSYNC_WORKER_HEARTBEAT_SECONDS", gt=0, le=MAX_SECONDS
     )
     stalled_after_seconds: float = Field(
-        default=60.0, validation_alias="ADSYNC_STALLED_AFTER_SECONDS", gt=0
+        default=60.0, validation_alias="ADSYNC_STALLED_AFTER_SECONDS", gt=0, le=MAX_SECONDS
     )
     recovery_every_seconds: int = Field(
         default=60, validation_alias="ADSYNC_RECOVERY_EVERY_SECONDS", ge=1
     )
-    poll_seconds: float = Field(default=5.0, validation_alias="ADSYNC_WORKER_POLL_SECONDS", gt=0)
-    grace_seconds: float = Field(default=60.0, validation_alias="ADSYNC_WORKER_GRACE_SECONDS", ge=0)
+    poll_seconds: float = Field(
+        default=5.0, validation_alias="ADSYNC_WORKER_POLL_SECONDS", gt=0, le=MAX_SECONDS
+    )
+    grace_seconds: float = Field(
+        default=60.0, validation_alias="ADSYNC_WORKER_GRACE_SECONDS", ge=0, le=MAX_SECONDS
+    )
     retry_attempts: int = Field(default=6, validation_alias="ADSYNC_RETRY_ATTEMPTS", ge=1)
     retry_initial_seconds: float = Field(
-        default=30.0, validation_alias="ADSYNC_RETRY_INITIAL_SECONDS", ge=0
+        default=30.0, validation_alias="ADSYNC_RETRY_INITIAL_SECONDS", ge=0, le=MAX_SECONDS
     )
     retry_max_seconds: float = Field(
-        default=900.0, validation_alias="ADSYNC_RETRY_MAX_SECONDS", ge=0
+        default=900.0, validation_alias="ADSYNC_RETRY_MAX_SECONDS", ge=0, le=MAX_SECONDS
     )
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ from adsync.accounts import parse_accounts
 from adsync.cli import app
 from adsync.config import load_settings
 from adsync.errors import ConfigError
+from adsync.worker import load_worker_settings
 
 BASE = {"AD_PLATFORM_EMAIL": "me@x.io", "AD_PLATFORM_PASSWORD": "pw-123456"}
 
@@ -56,3 +57,63 @@ def test_an_unknown_log_level_is_bad_configuration(monkeypatch: pytest.MonkeyPat
     result = CliRunner().invoke(app, ["sync", "--log-level", "BOGUS"])
     assert result.exit_code == 2, result.output
     assert "--log-level" in result.output
+
+
+# Every duration is bounded: a value no one means (1e12 s is 31,000 years) would
+# otherwise overflow a date or a timer far from where it was set.
+DURATIONS = [
+    "AD_PLATFORM_RATE_WINDOW",
+    "AD_PLATFORM_CONNECT_TIMEOUT",
+    "AD_PLATFORM_REQUEST_TIMEOUT",
+    "AD_PLATFORM_REQUEST_DEADLINE",
+    "AD_PLATFORM_RETRY_BUDGET_SECONDS",
+    "AD_PLATFORM_BACKOFF_INITIAL",
+    "AD_PLATFORM_BACKOFF_MAX",
+    "AD_PLATFORM_TOKEN_REFRESH_MARGIN",
+    "ADSYNC_DB_RETRY_WAIT",
+]
+WORKER_DURATIONS = [
+    "ADSYNC_WORKER_HEARTBEAT_SECONDS",
+    "ADSYNC_STALLED_AFTER_SECONDS",
+    "ADSYNC_WORKER_POLL_SECONDS",
+    "ADSYNC_WORKER_GRACE_SECONDS",
+    "ADSYNC_RETRY_INITIAL_SECONDS",
+    "ADSYNC_RETRY_MAX_SECONDS",
+]
+
+
+@pytest.mark.parametrize("name", DURATIONS)
+def test_a_duration_beyond_a_day_is_refused_by_name(name: str) -> None:
+    with pytest.raises(ConfigError, match=f"{name} input should be less than or equal to 86400"):
+        load_settings(**{**BASE, name: "1e12"})
+    assert load_settings(**{**BASE, name: "86400"}) is not None
+
+
+@pytest.mark.parametrize("name", WORKER_DURATIONS)
+def test_a_worker_duration_beyond_a_day_is_refused_by_name(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(name, "1e12")
+    with pytest.raises(ConfigError, match=f"{name}: Input should be less than or equal to 86400"):
+        load_worker_settings()
+
+
+def test_a_window_beyond_a_day_in_the_accounts_file_is_refused() -> None:
+    entry = {"client_id": "a", "email": "a@x.io", "password_env": "PW", "rate_window": 1e12}
+    with pytest.raises(ConfigError, match="rate_window: Input should be less than or equal to"):
+        parse_accounts({"accounts": [entry]})
+
+
+def test_a_huge_deadline_is_exit_2_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name, value in BASE.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AD_PLATFORM_API_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'a.db'}")
+    monkeypatch.setenv("AD_PLATFORM_REQUEST_DEADLINE", "1e12")
+    result = CliRunner().invoke(app, ["sync"])
+    assert result.exit_code == 2, result.output
+    assert "AD_PLATFORM_REQUEST_DEADLINE" in result.output
+    assert len(result.output.strip().splitlines()) == 1
