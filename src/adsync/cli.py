@@ -274,17 +274,21 @@ def sync(
             settings_list = [load_settings()]
         _setup(log_level, log_format, *settings_list)
         first = settings_list[0]
-        store = open_store(
-            first.database_url.get_secret_value(),
-            retry_attempts=first.db_retry_attempts,
-            retry_wait=first.db_retry_wait,
-        )
         metrics = Metrics()
+        # Before the database: a port held by another run is bad configuration,
+        # found before anything is migrated or claimed.
         server = MetricsServer(metrics, metrics_port, metrics_addr) if metrics_port else None
         try:
-            code = _run_sync(settings_list, store, show_progress=progress, metrics=metrics)
+            store = open_store(
+                first.database_url.get_secret_value(),
+                retry_attempts=first.db_retry_attempts,
+                retry_wait=first.db_retry_wait,
+            )
+            try:
+                code = _run_sync(settings_list, store, show_progress=progress, metrics=metrics)
+            finally:
+                store.dispose()
         finally:
-            store.dispose()
             if server is not None:
                 server.close()
     raise typer.Exit(code)

@@ -99,11 +99,22 @@ def worker(  # noqa: PLR0917 - a typer command takes one parameter per option
         settings = load_worker_settings()
         _logging(log_level, log_format, url)
         load_accounts(accounts_file)  # a broken file fails now, not in every job
-        store = open_store(url)
-        server: HealthServer | None = None
+        metrics = Metrics()
+        health = Health(max_silence=max(5.0, 3 * settings.heartbeat_seconds))
+        # Before the database: a port held by another worker is bad configuration.
+        server = (
+            None
+            if health_port is None
+            else HealthServer(metrics.registry, health, health_port, health_addr)
+        )
+        try:
+            store = open_store(url)
+        except BaseException:
+            if server is not None:
+                server.close()
+            raise
         try:
             asyncio.run(ensure_queue_schema(conninfo))
-            metrics = Metrics()
             runtime = WorkerRuntime(
                 store=store,
                 concurrency=concurrency,
@@ -113,9 +124,7 @@ def worker(  # noqa: PLR0917 - a typer command takes one parameter per option
                 metrics=metrics,
                 worker_metrics=WorkerMetrics(metrics.registry),
             )
-            health = Health(max_silence=max(5.0, 3 * settings.heartbeat_seconds))
-            if health_port is not None:
-                server = HealthServer(metrics.registry, health, health_port, health_addr)
+            if server is not None:
                 err.print(f"health and metrics on http://{health_addr}:{server.port}/healthz")
             # Two connections stay busy listening; the rest serve fetches and job ends.
             app = build_app(conninfo, settings, pool_size=4 + max(2, concurrency // 4))

@@ -6,6 +6,8 @@ kind), run status. Never a campaign id, a token or anything secret.
 
 from __future__ import annotations
 
+import errno
+import socket
 import threading
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
@@ -13,6 +15,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from adsync.client import RequestEvent
+from adsync.errors import ConfigError
 
 NAMESPACE = "adsync"
 
@@ -144,11 +147,51 @@ def add_totals(
     seen.synced, seen.failed = synced, failed
 
 
+def check_port(port: int, option: str) -> None:
+    """Refuse a port number no socket can have, naming the option it came from."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{option} {port} is not a port number: use 1-65535")
+
+
+def listen_error(exc: OSError, port: int, addr: str, options: tuple[str, str]) -> ConfigError:
+    """Why a listener could not bind, as one line naming the option to change.
+
+    ``options`` names the port and the address options, e.g. ``("--metrics-port",
+    "--metrics-addr")``.
+    """
+    port_option, addr_option = options
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        return ConfigError(
+            f"{addr_option} {addr!r} is not an address of this machine: "
+            f"{exc.strerror or type(exc).__name__}"
+        )
+    if exc.errno == errno.EADDRINUSE:
+        return ConfigError(
+            f"{port_option} {port}: {addr}:{port} is already in use (by another adsync?): "
+            "choose another port"
+        )
+    return ConfigError(
+        f"{port_option} {port}: cannot listen on {addr}:{port}: "
+        f"{exc.strerror or type(exc).__name__}"
+    )
+
+
 class MetricsServer:
     """``/metrics`` over HTTP in a background thread, stopped on close."""
 
-    def __init__(self, metrics: Metrics, port: int, addr: str = "127.0.0.1") -> None:
-        server, thread = start_http_server(port, addr=addr, registry=metrics.registry)
+    def __init__(
+        self,
+        metrics: Metrics,
+        port: int,
+        addr: str = "127.0.0.1",
+        *,
+        options: tuple[str, str] = ("--metrics-port", "--metrics-addr"),
+    ) -> None:
+        check_port(port, options[0])
+        try:
+            server, thread = start_http_server(port, addr=addr, registry=metrics.registry)
+        except OSError as exc:
+            raise listen_error(exc, port, addr, options) from exc
         self._server: WSGIServer = server
         self._thread: threading.Thread = thread
         self.port: int = server.server_port

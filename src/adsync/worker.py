@@ -72,7 +72,7 @@ from adsync.errors import (
     PlatformError,
     StoreError,
 )
-from adsync.metrics import NAMESPACE, Metrics
+from adsync.metrics import NAMESPACE, Metrics, check_port, listen_error
 from adsync.models import RunStatus
 from adsync.observability import REDACTOR
 from adsync.ratelimit import Margin, SendLogBatcher
@@ -765,10 +765,20 @@ class HealthServer:
     """``/healthz`` (JSON, 200 or 503) and ``/metrics`` over HTTP, in a background thread."""
 
     def __init__(
-        self, registry: CollectorRegistry, health: Health, port: int, addr: str = "127.0.0.1"
+        self,
+        registry: CollectorRegistry,
+        health: Health,
+        port: int,
+        addr: str = "127.0.0.1",
+        *,
+        options: tuple[str, str] = ("--health-port", "--health-addr"),
     ) -> None:
         handler = _handler(registry, health)
-        self._server = ThreadingHTTPServer((addr, port), handler)
+        check_port(port, options[0])
+        try:
+            self._server = ThreadingHTTPServer((addr, port), handler)
+        except OSError as exc:
+            raise listen_error(exc, port, addr, options) from exc
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="adsync-health", daemon=True
