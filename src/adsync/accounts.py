@@ -16,11 +16,13 @@ and ``.env``).
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -29,6 +31,10 @@ from adsync.errors import ConfigError
 from adsync.models import describe_problems
 
 DEFAULT_ACCOUNTS_FILE = "accounts.toml"
+
+# stdlib logging, not structlog: accounts are read before logging is set up, and
+# stdlib's last-resort handler still prints a warning to stderr then.
+log = logging.getLogger(__name__)
 
 
 class AccountEntry(BaseModel):
@@ -41,9 +47,11 @@ class AccountEntry(BaseModel):
     password_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     password_file: Path | None = None
     api_url: str | None = None
-    rate_limit: int | None = Field(default=None, ge=1)
-    rate_window: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
-    enabled: bool = True
+    # Strict: TOML has real numbers and booleans, so `rate_limit = true` or
+    # `rate_window = "60"` is a mistake to point out, not a value to convert.
+    rate_limit: int | None = Field(default=None, ge=1, strict=True)
+    rate_window: float | None = Field(default=None, gt=0, le=MAX_SECONDS, strict=True)
+    enabled: bool = Field(default=True, strict=True)
 
     @model_validator(mode="after")
     def _one_password_source(self) -> AccountEntry:
@@ -98,12 +106,28 @@ class Account:
                 )
             return value
         assert entry.password_file is not None  # noqa: S101 - guaranteed by the validator
+        path = entry.password_file
         try:
-            value = entry.password_file.read_text(encoding="utf-8").strip()
+            mode = stat.S_IMODE(path.stat().st_mode)
+            exposure = password_file_exposure(mode)
+            if exposure == "refused":
+                raise ConfigError(
+                    f"account {self.client_id!r}: its password_file {path} is writable by "
+                    f"anyone (mode {mode:04o}): chmod 600 it"
+                )
+            if exposure == "warn":
+                log.warning(
+                    "account %r: its password_file %s is open to its group or others "
+                    "(mode %04o): chmod 600 it",
+                    self.client_id,
+                    path,
+                    mode,
+                )
+            value = path.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ConfigError(
                 f"account {self.client_id!r}: cannot read its password_file "
-                f"{entry.password_file}: {exc.strerror or type(exc).__name__}"
+                f"{path}: {exc.strerror or type(exc).__name__}"
             ) from None
         if not value:
             raise ConfigError(
@@ -112,8 +136,28 @@ class Account:
         return value
 
 
-def parse_accounts(data: dict[str, Any], source: str = "accounts file") -> list[Account]:
-    """Validate the parsed TOML; every problem names the entry it is in."""
+def password_file_exposure(mode: int) -> Literal["private", "warn", "refused"]:
+    """What a password file's permission bits call for, as ssh judges private keys.
+
+    Anyone may rewrite a world-writable file (and so choose the password sent):
+    refused. One its group or others can read (or its group write) still works,
+    with a warning: mounted secrets are often 0644.
+    """
+    if mode & stat.S_IWOTH:
+        return "refused"
+    if mode & (stat.S_IRGRP | stat.S_IWGRP | stat.S_IROTH):
+        return "warn"
+    return "private"
+
+
+def parse_accounts(
+    data: dict[str, Any], source: str = "accounts file", base: Path | None = None
+) -> list[Account]:
+    """Validate the parsed TOML; every problem names the entry it is in.
+
+    A relative ``password_file`` is taken relative to ``base`` (the accounts
+    file's folder), never to whatever the working directory happens to be.
+    """
     unknown = set(data) - {"accounts"}
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key(s): {', '.join(sorted(unknown))}")
@@ -133,6 +177,8 @@ def parse_accounts(data: dict[str, Any], source: str = "accounts file") -> list[
         if entry.client_id in seen:
             raise ConfigError(f"{label}: client_id {entry.client_id!r} appears twice")
         seen.add(entry.client_id)
+        if entry.password_file is not None and base is not None:
+            entry = entry.model_copy(update={"password_file": base / entry.password_file})
         source_text = (
             f"env:{entry.password_env}"
             if entry.password_env is not None
@@ -165,7 +211,7 @@ def load_accounts(path: Path) -> list[Account]:
         raise ConfigError(f"cannot read accounts file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"accounts file {path} is not valid TOML: {exc}") from None
-    return parse_accounts(data, str(path))
+    return parse_accounts(data, str(path), base=path.absolute().parent)
 
 
 def select(accounts: list[Account], client_ids: list[str]) -> list[Account]:
