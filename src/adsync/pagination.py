@@ -33,14 +33,18 @@ class Listing:
     items_without_id: int = 0
     problems: list[str] = field(default_factory=list)
     stopped: bool = False
+    # The first page known to be the listing's last (short, empty or without
+    # has_more): the pages after it are not fetched, whatever ``total`` says.
+    end: int | None = None
 
     def planned_pages(self, first: Page) -> list[int]:
         """After page 1: every other page its ``total`` implies, capped at ``max_pages``.
 
         Knowing them up front lets them be fetched side by side instead of one
-        round trip after another.
+        round trip after another. A first page that is already the last plans
+        nothing, however large its ``total``.
         """
-        if not first.has_more:
+        if _is_last(first):
             return []
         count = math.ceil(first.total / first.limit) if first.limit else 1
         if count > self.max_pages:
@@ -82,7 +86,15 @@ class Listing:
             problems.append(f"page {requested} repeats {len(duplicates)} id(s) already listed")
         for p in problems:
             self._problem(p)
+        if _is_last(page) and (self.end is None or requested < self.end):
+            self.end = requested
         return Accepted(tuple(fresh), tuple(duplicates), tuple(problems))
+
+    def beyond_end(self, pages: list[int]) -> list[int]:
+        """Which of ``pages`` come after the page that ended the listing: not to be fetched."""
+        if self.end is None:
+            return []
+        return [n for n in pages if n > self.end]
 
     def next_page(self, last_number: int, last: Page, accepted: Accepted) -> int | None:
         """Whether to fetch another page past the planned ones, and which."""
@@ -90,6 +102,15 @@ class Listing:
             return None
         if not last.items or (accepted.problems and not accepted.items):
             self._problem(f"page {last_number} says has_more but brought nothing new: stopping")
+            self.stopped = True
+            return None
+        if len(last.items) < last.limit:
+            # Only the last page is short; a platform whose has_more (or total)
+            # says otherwise would have every further page fetched empty.
+            self._problem(
+                f"page {last_number} says has_more but is short "
+                f"({len(last.items)} of {last.limit}): stopping"
+            )
             self.stopped = True
             return None
         nxt = last_number + 1
@@ -117,3 +138,8 @@ class Listing:
 
     def _problem(self, text: str) -> None:
         self.problems.append(text)
+
+
+def _is_last(page: Page) -> bool:
+    """Whether ``page`` ends the listing: it says so, or it is short (empty included)."""
+    return not page.has_more or len(page.items) < page.limit

@@ -339,17 +339,31 @@ class SyncJob:
         if planned:
             # Pages known from `total` go out side by side, ahead of the sync
             # calls in the budget's queue, so the queue of campaigns never runs dry.
-            fetches = [asyncio.create_task(self._fetch_page(n)) for n in planned]
+            fetches = {asyncio.create_task(self._get_page(n)): n for n in planned}
+            results: dict[int, tuple[Page, Accepted]] = {}
             try:
-                results = await asyncio.gather(*fetches)
+                pending = set(fetches)
+                while pending:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for fetch in sorted(done, key=fetches.__getitem__):
+                        results[fetches[fetch]] = await self._take_page(
+                            fetches[fetch], fetch.result()
+                        )
+                    # A short or empty page ends the listing, whatever `total` said:
+                    # the planned pages after it that still wait for the budget are
+                    # never sent (a `total` of 500 over 5 campaigns is 1 page, not 50).
+                    beyond = set(self._listing.beyond_end(planned))
+                    for fetch in [f for f in pending if fetches[f] in beyond]:
+                        fetch.cancel()
+                        pending.discard(fetch)
             finally:
                 # One page failing ends the listing: the others must not go on
                 # spending quota for a run that is over.
                 for fetch in fetches:
                     fetch.cancel()
                 await asyncio.gather(*fetches, return_exceptions=True)
-            last_number = planned[-1]
-            last_page, accepted = results[-1]
+            last_number = planned[-1] if self._listing.end is None else self._listing.end
+            last_page, accepted = results[last_number]
         nxt = self._listing.next_page(last_number, last_page, accepted)
         while nxt is not None and not self._stop.is_set():
             page, accepted = await self._fetch_page(nxt)
@@ -363,10 +377,15 @@ class SyncJob:
         await asyncio.to_thread(self._store.mark_listing_complete, self._run_id)
 
     async def _fetch_page(self, number: int) -> tuple[Page, Accepted]:
+        return await self._take_page(number, await self._get_page(number))
+
+    async def _get_page(self, number: int) -> Page:
         try:
-            page = await self._client.list_page(number, self._opt.page_size)
+            return await self._client.list_page(number, self._opt.page_size)
         except PlatformError as exc:
             raise PaginationError(f"could not list page {number}: {exc}") from exc
+
+    async def _take_page(self, number: int, page: Page) -> tuple[Page, Accepted]:
         self._counters.pages += 1
         accepted = self._listing.accept(number, page)
         ids = [i.campaign_id for i in accepted.items if i.campaign_id is not None]

@@ -109,3 +109,50 @@ def test_items_without_id_count_toward_the_total() -> None:
     assert len(acc.items) == 10
     listing.finish()
     assert listing.shortfall() == 0
+
+
+# A `total` that lies: the pages it implies are not fetched past the real end.
+
+
+def test_a_short_first_page_plans_nothing_whatever_the_total() -> None:
+    listing = Listing(max_pages=10_000)
+    first = page(1, ids("c", 0, 5), total=500, more=True)
+    acc = listing.accept(1, first)
+    assert listing.planned_pages(first) == []
+    assert listing.next_page(1, first, acc) is None
+    listing.finish()
+    assert any("495 campaign(s) fewer than its total 500" in p for p in listing.problems)
+
+
+def test_a_short_page_ends_the_listing_even_when_it_says_has_more() -> None:
+    listing = Listing(max_pages=100)
+    listing.accept(1, page(1, ids("c", 0, 10), total=100))
+    short = page(2, ids("c", 10, 13), total=100, more=True)
+    acc = listing.accept(2, short)
+    assert listing.next_page(2, short, acc) is None
+
+
+def test_a_short_page_among_the_planned_ones_cancels_those_after_it() -> None:
+    listing = Listing(max_pages=10_000)
+    first = page(1, ids("c", 0, 10), total=500)
+    listing.accept(1, first)
+    planned = listing.planned_pages(first)
+    assert planned == list(range(2, 51))
+    assert listing.beyond_end(planned) == []
+    listing.accept(3, page(3, ids("c", 20, 25), total=500))
+    assert listing.beyond_end(planned) == list(range(4, 51))
+    # An empty page further on (one already in flight) moves nothing back.
+    listing.accept(5, page(5, [], total=500))
+    assert listing.beyond_end(planned) == list(range(4, 51))
+
+
+def test_an_empty_page_or_the_last_one_ends_the_listing_too() -> None:
+    empty = Listing(max_pages=100)
+    empty.accept(4, page(4, [], total=100))
+    assert empty.beyond_end([5, 6]) == [5, 6]
+    last = Listing(max_pages=100)
+    last.accept(2, page(2, ids("c", 10, 20), total=100, more=False))
+    assert last.beyond_end([3, 4]) == [3, 4]
+    full = Listing(max_pages=100)
+    full.accept(2, page(2, ids("c", 10, 20), total=100, more=True))
+    assert full.beyond_end([3, 4]) == []
