@@ -78,3 +78,19 @@ def open_store(url: str, **store_options: Any) -> SqlStore:
         store.dispose()
         raise
     return store
+
+
+def open_reader(url: str) -> SqlStore:
+    """A read-only store on ``url`` for the commands that only look; the caller disposes of it.
+
+    Never creates, migrates or writes: a missing database or a schema that is not
+    this adsync's is a :class:`ConfigError` saying what to do. One attempt, no
+    retries: whoever asked is waiting at a terminal and can ask again.
+    """
+    store = SqlStore.from_url(url, read_only=True, retry_attempts=1)
+    try:
+        store.require_schema()
+    except AdsyncError:
+        store.dispose()
+        raise
+    return store

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from adsync.cli_common import VerboseOpt, database_url, errors, open_store
+from adsync.cli_common import VerboseOpt, database_url, errors, open_reader
 from adsync.errors import AdsyncError
 from adsync.history import render_run, render_status, run_document, status_document
 from adsync.models import CampaignFailure, RunRecord
@@ -36,7 +36,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document i
 
 @contextlib.contextmanager
 def _store() -> Iterator[SqlStore]:
-    store = open_store(database_url())
+    # Read-only: looking at the history never creates, migrates or locks the database.
+    store = open_reader(database_url())
     try:
         yield store
     finally:
@@ -66,8 +67,9 @@ def status(
 ) -> None:
     """Show recent sync runs per client: status, counts, duration, requests, failures.
 
-    Reads DATABASE_URL (environment or .env). Exit codes: 0 shown (also when
-    there are no runs yet), 1 database error, 2 bad configuration.
+    Reads DATABASE_URL (environment or .env), read-only. Exit codes: 0 shown
+    (also when there are no runs yet), 1 database error or busy, 2 bad
+    configuration, no database, or a schema that needs `adsync db upgrade`.
     """
     with errors(verbose), _store() as store:
         runs = store.recent_runs(client, limit)
@@ -86,7 +88,7 @@ def runs_show(
     """Show one run's details and every failed campaign with its reason.
 
     Exit codes: 0 shown, 1 no such run, an ambiguous prefix or a database error,
-    2 bad configuration.
+    2 bad configuration, no database, or a schema that needs `adsync db upgrade`.
     """
     with errors(verbose), _store() as store:
         run = _find(store, run_id)

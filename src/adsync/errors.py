@@ -1,7 +1,7 @@
 """The one error tree of adsync.
 
 AdsyncError
-├── ConfigError            bad or missing settings (exit code 2)
+├── ConfigError            bad or missing settings, or what they name is unusable (exit code 2)
 ├── AuthError              the platform refused our credentials (exit code 3)
 ├── PlatformError          the platform answered in a way we cannot use
 │   ├── TransientError     worth retrying: 5xx, timeout, connection error, invalid JSON
@@ -26,7 +26,11 @@ class AdsyncError(Exception):
 
 
 class ConfigError(AdsyncError):
-    """A setting is missing or invalid."""
+    """A setting is missing or invalid, or what it names cannot be used as it is.
+
+    A port already in use, a database that does not exist or needs ``adsync db
+    upgrade``: fixed by changing the setting or the environment, not by retrying.
+    """
 
 
 class AuthError(AdsyncError):

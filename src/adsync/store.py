@@ -33,10 +33,13 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
+from urllib.parse import quote, unquote
 
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
@@ -108,6 +111,10 @@ MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 _PG_MIGRATION_LOCK: Final = 0x61_64_73_79_6E_63_01
 
 _CLAIM_ROUNDS: Final = 3
+
+# How long a read-only command waits for a lock another process holds (a writer
+# outside WAL mode, a migration) before it says the database is busy.
+_READ_LOCK_WAIT_MS: Final = 2000
 
 ITEM_PENDING: Final = "pending"
 ITEM_SYNCED: Final = "synced"
@@ -431,6 +438,7 @@ class SqlStore:
         retry_wait_max: float = 10.0,
         sleep: Callable[[float], None] = time.sleep,
         now: Callable[[], datetime] = _utcnow,
+        read_only: bool = False,
     ) -> None:
         if engine.dialect.name not in ("sqlite", "postgresql"):
             raise StoreError(
@@ -443,16 +451,21 @@ class SqlStore:
         self._sleep = sleep
         self._now = now
         self._sqlite = engine.dialect.name == "sqlite"
+        self.read_only = read_only
         if self._sqlite:
-            _prepare_sqlite(engine)
+            _prepare_sqlite(engine, read_only=read_only)
+        elif read_only and not event.contains(engine, "begin", _pg_read_only_on_begin):
+            event.listen(engine, "begin", _pg_read_only_on_begin)
         self._send_log: SqlSendLog | None = None
 
     @classmethod
-    def from_url(cls, database_url: str, **kw: Any) -> SqlStore:
+    def from_url(cls, database_url: str, *, read_only: bool = False, **kw: Any) -> SqlStore:
         """Build the engine (one pool for the process) and the store over it.
 
         A URL that cannot be used is a :class:`ConfigError` (exit 2), never a
-        database outage to retry.
+        database outage to retry. ``read_only`` opens SQLite with ``mode=ro``
+        (a missing file is a :class:`ConfigError`: nothing is created) and runs
+        every PostgreSQL transaction ``READ ONLY``.
         """
         netloc = database_url.partition("://")[2].partition("/")[0]
         if netloc.count("@") > 1:
@@ -467,6 +480,8 @@ class SqlStore:
                 "invalid DATABASE_URL: expected sqlite:///PATH or postgresql://USER@HOST/DB"
             ) from None
         engine_kw: dict[str, Any] = {"pool_pre_ping": True}
+        if read_only and url.get_backend_name() == "sqlite":
+            url = _read_only_sqlite_url(url)
         if url.get_backend_name() == "sqlite":
             # The pipeline calls in from worker threads; the pool hands each call
             # its own connection, so sqlite3's same-thread check only gets in the way.
@@ -484,7 +499,7 @@ class SqlStore:
                 f"cannot use DATABASE_URL: {type(exc).__name__} (adsync supports "
                 "sqlite:///PATH and postgresql://USER@HOST/DB)"
             ) from None
-        return cls(engine, **kw)
+        return cls(engine, read_only=read_only, **kw)
 
     def dispose(self) -> None:
         """Close every pooled connection."""
@@ -521,6 +536,31 @@ class SqlStore:
             raise StoreError(
                 f"cannot migrate the database: {exc} (is it from a newer adsync?)"
             ) from exc
+
+    def require_schema(self) -> None:
+        """Check, without changing anything, that the schema is this adsync's.
+
+        For the commands that only read: a missing database or a schema that is
+        missing, older or newer is a :class:`ConfigError` saying what to do.
+        """
+        try:
+            current = self._transaction(
+                "schema",
+                lambda conn: frozenset(MigrationContext.configure(conn).get_current_heads()),
+            )
+        except StoreError as exc:
+            cause = exc.__cause__
+            if cause is not None and _no_such_database(cause):
+                raise ConfigError(
+                    f"cannot open the database of DATABASE_URL ({self._where()}): "
+                    f"{self._describe(cause)}"
+                ) from exc
+            raise
+        script = ScriptDirectory(str(MIGRATIONS_DIR))
+        known = frozenset(rev.revision for rev in script.walk_revisions())
+        problem = schema_problem(current, frozenset(script.get_heads()), known)
+        if problem is not None:
+            raise ConfigError(f"{problem} (DATABASE_URL: {self._where()})")
 
     # --- runs ---------------------------------------------------------------------------
 
@@ -1102,9 +1142,13 @@ class SqlStore:
         except (SQLAlchemyError, OverflowError) as exc:
             # OverflowError: sqlite3 refuses an int beyond 64 bits before SQLAlchemy sees it.
             if is_transient(exc):
+                busy = (
+                    " (busy: another process holds a lock on it; try again)" if _busy(exc) else ""
+                )
                 raise StoreUnavailable(
-                    f"database unavailable after {self._attempts} attempts "
-                    f"({self._where()}): {self._describe(exc)}"
+                    f"database unavailable after {self._attempts} "
+                    f"attempt{'s' if self._attempts != 1 else ''} "
+                    f"({self._where()}): {self._describe(exc)}{busy}"
                 ) from exc
             raise StoreError(
                 f"database error in {op} ({self._where()}): {self._describe(exc)}"
@@ -1122,6 +1166,9 @@ class SqlStore:
 
     def _where(self) -> str:
         url = self.engine.url.difference_update_query(_SECRET_QUERY_KEYS)
+        if self.read_only and self._sqlite:
+            # The file as the user named it, not its percent-encoded read-only URI.
+            return f"sqlite:///{unquote((url.database or '').removeprefix('file:'))}"
         return url.render_as_string(hide_password=True)
 
     def _describe(self, exc: BaseException) -> str:
@@ -1309,12 +1356,88 @@ class SqlSendLog:
         )
 
 
-def _prepare_sqlite(engine: Engine) -> None:
+def _prepare_sqlite(engine: Engine, *, read_only: bool = False) -> None:
     """Install the SQLite connection setup once per engine."""
-    if not event.contains(engine, "connect", _sqlite_on_connect):
-        event.listen(engine, "connect", _sqlite_on_connect)
+    on_connect = _sqlite_read_only_on_connect if read_only else _sqlite_on_connect
+    if not event.contains(engine, "connect", on_connect):
+        event.listen(engine, "connect", on_connect)
     if not event.contains(engine, "begin", _sqlite_on_begin):
         event.listen(engine, "begin", _sqlite_on_begin)
+
+
+def _read_only_sqlite_url(url: sa.URL) -> sa.URL:
+    """The same SQLite file as a read-only URI (``mode=ro``), which never creates it."""
+    if url.database in (None, "", ":memory:"):
+        raise ConfigError(
+            "DATABASE_URL names an in-memory SQLite database: there is nothing to read"
+        )
+    path = Path(url.database)
+    if not path.exists():
+        raise ConfigError(
+            f"no database at {path} (DATABASE_URL): point DATABASE_URL at the database "
+            "adsync sync writes, or create one with `adsync db upgrade`"
+        )
+    return url.set(
+        database="file:" + quote(str(path.absolute())),
+        query={**url.query, "mode": "ro", "uri": "true"},
+    )
+
+
+def _sqlite_read_only_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # No journal_mode or synchronous pragma: both are the writers' to set. A reader
+    # in WAL mode never waits; outside it, it waits this long for a writer's lock.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout={_READ_LOCK_WAIT_MS}")
+        cursor.execute("PRAGMA query_only=ON")
+    finally:
+        cursor.close()
+
+
+def _pg_read_only_on_begin(conn: Connection) -> None:
+    # The first statements of the transaction psycopg opens: a write is refused by
+    # the server, and a lock held by a migration is waited for only briefly.
+    conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+    conn.exec_driver_sql(f"SET LOCAL lock_timeout = {_READ_LOCK_WAIT_MS}")
+
+
+def schema_problem(
+    current: frozenset[str], heads: frozenset[str], known: frozenset[str]
+) -> str | None:
+    """What is wrong with a database at Alembic revisions ``current``, if anything.
+
+    ``heads`` are the revisions this adsync's migrations end at, ``known`` all of
+    its revisions.
+    """
+    if current == heads:
+        return None
+    if not current:
+        return "the database has no adsync schema yet: run `adsync db upgrade`"
+    at = ", ".join(sorted(current))
+    if current <= known:
+        return (
+            f"the database schema is older than this adsync (revision {at}, needs "
+            f"{', '.join(sorted(heads))}): run `adsync db upgrade`"
+        )
+    return f"the database schema (revision {at}) is newer than this adsync: upgrade adsync"
+
+
+def _no_such_database(exc: BaseException) -> bool:
+    # libpq reports a missing database (or role) at connect time, with no SQLSTATE.
+    return isinstance(exc, DBAPIError) and "does not exist" in str(exc.orig)
+
+
+def _busy(exc: BaseException) -> bool:
+    """Whether a transient failure is another process's lock rather than an outage."""
+    orig = getattr(exc, "orig", None) or exc
+    name = getattr(orig, "sqlite_errorname", None) or ""
+    sqlstate = getattr(orig, "sqlstate", None) or ""
+    return (
+        name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
+        or sqlstate == "55P03"
+        or ("sqlite" in type(orig).__module__ and "locked" in str(orig))
+    )
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -217,6 +217,7 @@ def test_status_filters_by_client_and_limits(history: History) -> None:
 
 
 def test_status_of_an_empty_database(database_url: str) -> None:
+    open_test_store(database_url).dispose()  # migrated, no runs
     text = invoke(database_url, "status")
     assert text.exit_code == 0, text.output
     assert text.stdout.strip() == "no runs yet"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from adsync.errors import ConfigError
-from adsync.store import SqlStore, database_secrets
+from adsync.store import SqlStore, database_secrets, schema_problem
 
 
 @pytest.mark.parametrize(
@@ -47,3 +47,17 @@ def test_where_a_store_points_never_shows_a_password(url: str) -> None:
         assert "hunter2secret" not in described
     finally:
         store.dispose()
+
+
+def test_a_schema_is_judged_against_this_adsyncs_migrations() -> None:
+    heads, known = frozenset({"0002"}), frozenset({"0001", "0002"})
+    assert schema_problem(frozenset({"0002"}), heads, known) is None
+    none = schema_problem(frozenset(), heads, known)
+    assert none is not None
+    assert "no adsync schema yet: run `adsync db upgrade`" in none
+    older = schema_problem(frozenset({"0001"}), heads, known)
+    assert older is not None
+    assert "older than this adsync (revision 0001, needs 0002): run `adsync db upgrade`" in older
+    newer = schema_problem(frozenset({"0003"}), heads, known)
+    assert newer is not None
+    assert "newer than this adsync: upgrade adsync" in newer
