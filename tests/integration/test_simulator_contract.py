@@ -796,6 +796,7 @@ def test_stats_shape_and_reset() -> None:
         "list_calls": 3,
         "sync_calls": {},
         "sync_ok": {},
+        "sync_arrivals": {},
         "max_in_window": 3,
     }
     assert before["clients"]["default"]["tokens_issued"] == 1

@@ -318,3 +318,23 @@ async def test_stats_count_per_account_and_client(fake_time: FakeTime) -> None:
     assert stats["accounts"][DEFAULT_EMAIL]["requests"] == 2
     assert stats["uptime"] == 60.0
     assert stats["seed"] == 1
+
+
+async def test_stats_record_when_each_sync_call_arrived_counted_or_not(
+    fake_time: FakeTime,
+) -> None:
+    async with _app_client(fake_time, rate_limit=1, rate_window=60) as client:
+        headers = {**(await _bearer(client)), "X-Client-ID": "c1"}
+        await client.post("/api/campaigns/campaign_2/sync", headers=headers)
+        fake_time.advance(1.25)
+        refused = await client.post("/api/campaigns/campaign_3/sync", headers=headers)
+        fake_time.advance(60)
+        await client.post("/api/campaigns/campaign_2/sync", headers=headers)
+        stats = (await client.get("/_sim/stats")).json()
+    c1 = stats["clients"]["c1"]
+    assert refused.status_code == 429
+    assert c1["sync_arrivals"] == {
+        "campaign_2": [1_700_000_000.0, 1_700_000_061.25],
+        "campaign_3": [1_700_000_001.25],
+    }
+    assert c1["sync_calls"] == {"campaign_2": 2}

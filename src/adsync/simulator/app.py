@@ -18,7 +18,7 @@ import re
 import secrets
 import socket
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -69,6 +69,9 @@ class ClientStats:
     list_calls: int = 0
     sync_calls: Counter[str] = field(default_factory=Counter)
     sync_ok: Counter[str] = field(default_factory=Counter)
+    # When each sync call arrived (wall-clock seconds), counted or not (401, 429):
+    # tests tell by it whether a client sent anything after it was told to stop.
+    sync_arrivals: defaultdict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     max_in_window: int = 0
 
     def to_json(self) -> dict[str, Any]:
@@ -86,6 +89,7 @@ class ClientStats:
             "list_calls": self.list_calls,
             "sync_calls": dict(self.sync_calls),
             "sync_ok": dict(self.sync_ok),
+            "sync_arrivals": {cid: list(times) for cid, times in self.sync_arrivals.items()},
             "max_in_window": self.max_in_window,
         }
 
@@ -462,6 +466,7 @@ class Simulator:
     async def sync_campaign(self, request: Request) -> Response:
         """``POST /api/campaigns/{id}/sync``: slow, may fail after its work."""
         campaign_id: str = request.path_params["campaign_id"]
+        self._client(request)[1].sync_arrivals[campaign_id].append(round(self._wall(), 3))
         admitted = self._admit(request, "sync", campaign_id)
         if isinstance(admitted, Response):
             return admitted
