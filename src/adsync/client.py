@@ -20,7 +20,8 @@ from pydantic import ValidationError
 
 from adsync.auth import TokenProvider
 from adsync.clock import Clock
-from adsync.errors import AuthError, PermanentError, RateLimited, TransientError
+from adsync.errors import AuthError, PermanentError, RateLimited, Stopped, TransientError
+from adsync.gate import SendGate
 from adsync.models import (
     Campaign,
     ListedItem,
@@ -135,6 +136,9 @@ class PlatformClient:
         self._rng = rng or random.Random()
         self._observe = observe
         self.stats = ClientStats()
+        # Asked right before every send, after whatever wait came first; the
+        # pipeline of the run puts its own here. This one never closes.
+        self.gate = SendGate(clock)
 
     async def list_page(self, page: int, limit: int) -> Page:
         """One page of the campaign listing."""
@@ -174,7 +178,9 @@ class PlatformClient:
             log.debug("retrying", endpoint=endpoint, error=str(exc), wait=round(wait, 3))
 
         try:
-            async for attempt in retrying(self._policy, self._clock, self._rng, stats, on_retry):
+            async for attempt in retrying(
+                self._policy, self._clock, self._rng, stats, on_retry, sleep=self.gate.sleep
+            ):
                 with attempt:
                     return parse(await self._attempt(method, path, endpoint, params, json_body))
         finally:
@@ -191,7 +197,12 @@ class PlatformClient:
     ) -> Any:
         refreshed = False
         while True:
-            send, token = await self.budget.acquire(self.auth.get)
+            # The wait for a slot (and for a token) ends at once when the gate
+            # closes; what it waited for may be refused all the same.
+            send, token = await self.gate.race(self.budget.acquire(self.auth.get))
+            if self.gate.closed:
+                self.budget.forget(send)
+                raise Stopped(self.gate.reason or "stopped")
             headers = {"Authorization": f"Bearer {token}"}
             if self._client_id is not None:
                 headers["X-Client-ID"] = self._client_id

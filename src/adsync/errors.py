@@ -10,6 +10,7 @@ AdsyncError
 │   └── PaginationError    the listing is inconsistent beyond what the guards can repair
 ├── PayloadError           a campaign payload did not validate
 ├── JobFailed              a worker's sync job ended without syncing its account
+├── Stopped                a request was not sent: its run is stopping (signal, lease lost)
 └── StoreError             the database failed (after retries)
     ├── RunLocked          another live process holds this client's run (or took ours over)
     └── AmbiguousRunId     a run id prefix matches more than one run
@@ -73,6 +74,14 @@ class PayloadError(AdsyncError):
 
 class JobFailed(AdsyncError):
     """A sync job ended without syncing its account; the message says why and what next."""
+
+
+class Stopped(AdsyncError):
+    """A request was not sent because its run is stopping: told to, or its lease is lost.
+
+    Not a failure of the campaign it was for: that campaign stays pending, and
+    the run that takes over (or the next one) sends it.
+    """
 
 
 class StoreError(AdsyncError):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -108,11 +108,14 @@ def retrying(
     rng: random.Random,
     stats: RetryStats,
     on_retry: Callable[[BaseException, float], None] | None = None,
+    *,
+    sleep: Callable[[float], Awaitable[None]] | None = None,
 ) -> tenacity.AsyncRetrying:
     """A tenacity controller for one logical request.
 
     429s do not use up attempts (the budget makes them rare and pauses for them);
-    every other transient failure does. The time bound uses the injected clock.
+    every other transient failure does. The time bound uses the injected clock;
+    backoff waits go through ``sleep`` (the clock's by default).
     """
     started = clock.monotonic()
     failures = 0
@@ -150,7 +153,7 @@ def retrying(
         wait=wait,
         retry=tenacity.retry_if_exception(is_transient),
         after=after,
-        sleep=clock.sleep,
+        sleep=sleep or clock.sleep,
         before_sleep=before_sleep,
         reraise=True,
     )
