@@ -31,6 +31,7 @@ from adsync.runner import (
     EXIT_SIGTERM,
     AccountResult,
     combined_exit_code,
+    exit_code_for_signal,
     sync_many,
 )
 from adsync.simulator.cli import simulate
@@ -208,7 +209,7 @@ def _run_sync(
             stop=stop,
             on_progress=bar.update if bar else None,
             metrics=metrics,
-            sigterm=lambda: bool(received) and received[0] == signal.SIGTERM,
+            signalled=lambda: received[0] if received else None,
         )
 
     grace = max(s.request_deadline for s in settings_list)
@@ -226,7 +227,8 @@ def _run_sync(
             return EXIT_SIGTERM if received and received[0] == signal.SIGTERM else EXIT_SIGINT
     for result in results:
         _summary_of(result)
-    code = combined_exit_code(results)
+    # Stopped by a signal: its code, whatever state each run was in.
+    code = exit_code_for_signal(received[0]) if received else combined_exit_code(results)
     if len(results) > 1:
         ok = sum(1 for r in results if r.exit_code == 0)
         err.print(f"{ok} of {len(results)} accounts fully synced (exit code {code})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
+import signal
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -128,6 +129,7 @@ def pipeline_options(settings: Settings, *, accounts: int = 1) -> PipelineOption
         max_pages=settings.max_pages,
         concurrency=settings.concurrency(),
         lease_seconds=max(30.0, settings.request_deadline * 4),
+        request_seconds=settings.request_deadline,
         batch_interval=min(1.0, 0.25 * max(1.0, accounts / 25)),
     )
 
@@ -203,10 +205,19 @@ class AccountResult:
     exit_code: int
 
 
-def exit_code_for(outcome: SyncOutcome, *, sigterm: bool = False) -> int:
-    """The exit code a scheduler should see for one run."""
-    if outcome.status is RunStatus.INTERRUPTED:
-        return EXIT_SIGTERM if sigterm else EXIT_SIGINT
+def exit_code_for_signal(signum: int) -> int:
+    """130 after SIGINT, 143 after SIGTERM (128 + the signal's number, as shells say)."""
+    return EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
+
+
+def exit_code_for(outcome: SyncOutcome, *, signalled: int | None = None) -> int:
+    """The exit code a scheduler should see for one run; ``signalled``: the signal that stopped it.
+
+    A run interrupted without a signal lost its lease: it did not finish here
+    (another process, or the next run, finishes it), so 1.
+    """
+    if signalled is not None:
+        return exit_code_for_signal(signalled)
     if isinstance(outcome.fatal, AuthError):
         return EXIT_AUTH
     if outcome.status is RunStatus.SUCCEEDED:
@@ -233,7 +244,7 @@ async def sync_many(
     stop: asyncio.Event | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     metrics: Metrics | None = None,
-    sigterm: Callable[[], bool] = lambda: False,
+    signalled: Callable[[], int | None] = lambda: None,
 ) -> list[AccountResult]:
     """Sync several accounts side by side, each with its own token, budget and run.
 
@@ -266,7 +277,10 @@ async def sync_many(
         except AdsyncError as exc:
             return AccountResult(settings.client_id, None, str(exc), EXIT_FAILURES)
         return AccountResult(
-            settings.client_id, outcome, outcome.error, exit_code_for(outcome, sigterm=sigterm())
+            settings.client_id,
+            outcome,
+            outcome.error,
+            exit_code_for(outcome, signalled=signalled()),
         )
 
     # A task each, so each run's log context (run id, client id) stays its own.

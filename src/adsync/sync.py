@@ -23,9 +23,11 @@ from adsync.errors import (
     PaginationError,
     PlatformError,
     RunLocked,
+    Stopped,
     StoreError,
     StoreUnavailable,
 )
+from adsync.gate import LEASE_NOT_RENEWED, LEASE_TAKEN, SIGNALLED, SendGate
 from adsync.metrics import Deltas, Metrics, add_totals
 from adsync.models import (
     Campaign,
@@ -164,6 +166,9 @@ class PipelineOptions:
     batch_size: int = 50
     batch_interval: float = 0.25
     grace_seconds: float = 30.0
+    # The longest one request may take (the request deadline): no request leaves
+    # when less than this is left of the run's lease.
+    request_seconds: float = 30.0
 
 
 class SyncJob:
@@ -192,7 +197,14 @@ class SyncJob:
         self._owner = owner
         self._clock = clock
         self._opt = options
+        # Set from outside (a signal, a worker stopping): the run ends interrupted.
         self._stop = stop or asyncio.Event()
+        # Asked by the client right before each request leaves: closed by the stop
+        # above or when the run's lease stops being ours.
+        self._gate = SendGate(clock)
+        client.gate = self._gate
+        # A lease always leaves room to send: in production it is four requests long.
+        self._send_margin = min(options.request_seconds, options.lease_seconds / 4)
         self._on_progress = on_progress
         self._queue: asyncio.Queue[Campaign | None] = asyncio.Queue()
         self._writes: asyncio.Queue[SyncedCampaign | Nudge | None] = asyncio.Queue()
@@ -205,9 +217,7 @@ class SyncJob:
         self._counters = RunCounters()
         self._listing_done = False
         self._run_id = ""
-        # Why the run stopped when no signal stopped it (the lease), and whether
-        # another process holds the run now.
-        self._stop_reason: str | None = None
+        # Whether another process holds the run now.
         self._taken_over = False
 
     # -- the run -------------------------------------------------------------
@@ -224,6 +234,7 @@ class SyncJob:
             self._opt.lease_seconds,
             owner_is_dead=local_owner_is_dead,
         )
+        self._hold_lease_from(started)
         self._run_id = run.id
         # Every log line of this run, from any module, carries its ids; tasks
         # started below inherit the context.
@@ -263,9 +274,12 @@ class SyncJob:
             self._run_metrics(status, self._clock.monotonic() - started)
             raise
         if fatal is None:
-            if self._stop.is_set() and not self._complete():
-                status = RunStatus.INTERRUPTED
-                error = self._stop_reason or "stopped by a signal; resumable"
+            if self._stop.is_set():
+                # Told to stop: the run ends interrupted whatever it reached, even
+                # when calls that were in flight completed it, as the caller says.
+                status, error = RunStatus.INTERRUPTED, SIGNALLED
+            elif self._gate.closed and not self._complete():
+                status, error = RunStatus.INTERRUPTED, self._gate.reason
             elif self._counters_total().failed or self._listing.problems:
                 status = RunStatus.PARTIAL
         counters = await self._finish(status, error)
@@ -298,6 +312,9 @@ class SyncJob:
         return outcome
 
     async def _pipeline(self) -> None:
+        if self._stop.is_set():
+            self._gate.close(SIGNALLED)
+        follow_stop = asyncio.create_task(self._close_gate_on_stop(), name="follow-stop")
         workers = [
             asyncio.create_task(self._worker(), name=f"sync-worker-{i}")
             for i in range(self._opt.concurrency)
@@ -305,14 +322,31 @@ class SyncJob:
         writer = asyncio.create_task(self._writer(), name="writer")
         heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
         lister = asyncio.create_task(self._list_all(), name="lister")
-        tasks = [lister, *workers, writer]
+        others = [follow_stop, heartbeat, lister, *workers]
+        flush = True
         try:
             await self._supervise(lister, workers, writer)
+        except StoreError:
+            flush = False  # the database failed: writing again would only wait on it
+            raise
         finally:
-            heartbeat.cancel()
-            for task in tasks:
+            for task in others:
                 task.cancel()
-            await asyncio.gather(heartbeat, *tasks, return_exceptions=True)
+            await asyncio.gather(*others, return_exceptions=True)
+            try:
+                if flush and not writer.done():
+                    # Also when cancelled (a second signal, the grace period over):
+                    # every campaign whose sync call succeeded is written, so the
+                    # resumed run does not send it again.
+                    self._writes.put_nowait(None)
+                    await asyncio.wait({writer})
+            finally:
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+
+    async def _close_gate_on_stop(self) -> None:
+        await self._stop.wait()
+        self._gate.close(SIGNALLED)
 
     async def _supervise(
         self,
@@ -331,7 +365,13 @@ class SyncJob:
     # -- listing -------------------------------------------------------------
 
     async def _list_all(self) -> None:
-        if self._stop.is_set():
+        try:
+            await self._list_pages()
+        except Stopped:
+            return  # the listing stays incomplete; the resumed run lists again
+
+    async def _list_pages(self) -> None:
+        if self._gate.closed:
             return
         first, accepted = await self._fetch_page(1)
         last_number, last_page = 1, first
@@ -365,10 +405,10 @@ class SyncJob:
             last_number = planned[-1] if self._listing.end is None else self._listing.end
             last_page, accepted = results[last_number]
         nxt = self._listing.next_page(last_number, last_page, accepted)
-        while nxt is not None and not self._stop.is_set():
+        while nxt is not None and not self._gate.closed:
             page, accepted = await self._fetch_page(nxt)
             nxt = self._listing.next_page(nxt, page, accepted)
-        if self._stop.is_set():
+        if self._gate.closed:
             return
         self._listing.finish()
         for problem in self._listing.problems:
@@ -416,10 +456,12 @@ class SyncJob:
     async def _worker(self) -> None:
         while True:
             campaign = await self._queue.get()
-            if campaign is None or self._stop.is_set():
+            if campaign is None or self._gate.closed:
                 return
             try:
                 receipt = await self._client.sync_campaign(campaign.id)
+            except Stopped:
+                return  # not sent: the campaign stays pending for the resumed run
             except AuthError:
                 raise
             except AdsyncError as exc:
@@ -516,6 +558,7 @@ class SyncJob:
         renewed = self._clock.monotonic()
         while True:
             await self._clock.sleep(every)
+            asked = self._clock.monotonic()
             try:
                 ok = await asyncio.to_thread(
                     self._store.heartbeat,
@@ -535,15 +578,20 @@ class SyncJob:
                     "could not renew the run's lease before it ran out: stopping",
                     error=str(exc),
                 )
-                self._stop_reason = "could not renew the run's lease; resumable"
-                self._stop.set()
+                self._gate.close(LEASE_NOT_RENEWED)
                 return
             if not ok:
                 log.error("lost the run's lease to another process: stopping")
-                self._stop_reason = "another process took the run over"
-                self._stop.set()
+                self._gate.close(LEASE_TAKEN)
                 return
             renewed = self._clock.monotonic()
+            self._hold_lease_from(asked)
+
+    def _hold_lease_from(self, asked: float) -> None:
+        # The database extended the lease from a moment after we asked: counting
+        # from when we asked, a request sent before this deadline ends before the
+        # lease does, however late the answer came.
+        self._gate.send_until(asked + self._opt.lease_seconds - self._send_margin)
 
     def _complete(self) -> bool:
         return self._listing_done and self._queue.empty()

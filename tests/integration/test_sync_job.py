@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from types import SimpleNamespace
 from typing import Any, cast
 
+import httpx
 import pytest
+from pydantic import SecretStr
 
+from adsync.auth import TokenProvider
 from adsync.client import ClientStats, PlatformClient, parse_page
 from adsync.clock import SystemClock
 from adsync.errors import AuthError, StoreError, TransientError
@@ -29,6 +34,8 @@ from adsync.models import (
     SyncedCampaign,
     SyncReceipt,
 )
+from adsync.ratelimit import RateBudget
+from adsync.retry import RetryPolicy
 from adsync.store import SqlStore
 from adsync.sync import PipelineOptions, RunWriter, SyncJob
 
@@ -81,8 +88,17 @@ class ScriptedClient:
         return SyncReceipt(campaign_id, datetime.now(UTC))
 
 
-def job(client: ScriptedClient, store: SqlStore, client_id: str = "acme", **opts: Any) -> SyncJob:
-    options = PipelineOptions(**{"concurrency": 4, "lease_seconds": 30.0, **opts})
+def job(
+    client: ScriptedClient | PlatformClient,
+    store: SqlStore,
+    client_id: str = "acme",
+    *,
+    stop: asyncio.Event | None = None,
+    **opts: Any,
+) -> SyncJob:
+    options = PipelineOptions(
+        **{"concurrency": 4, "lease_seconds": 30.0, "request_seconds": 0.1, **opts}
+    )
     return SyncJob(
         cast(PlatformClient, client),
         store,
@@ -90,7 +106,60 @@ def job(client: ScriptedClient, store: SqlStore, client_id: str = "acme", **opts
         owner=f"host:1:{client_id}",
         clock=SystemClock(),
         options=options,
+        stop=stop,
     )
+
+
+class MockPlatform:
+    """``n`` campaigns on one page over httpx.MockTransport; records the calls that reached it."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.calls: list[str] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/auth/token":
+            return httpx.Response(200, json={"access_token": "t", "expires_in": 3600})
+        self.calls.append(request.url.path)
+        if request.url.path == "/api/campaigns":
+            data = [
+                {"id": f"c{i}", "name": "n", "status": "active", "budget": 1, "impressions": 1}
+                | {"clicks": 1, "conversions": 1, "created_at": None}
+                for i in range(1, self.n + 1)
+            ]
+            pagination = {"page": 1, "limit": 100, "total": self.n, "has_more": False}
+            return httpx.Response(200, json={"data": data, "pagination": pagination})
+        campaign_id = request.url.path.split("/")[-2]
+        return httpx.Response(200, json={"success": True, "campaign_id": campaign_id})
+
+
+def platform_client(platform: MockPlatform, *, limit: int, window: float) -> PlatformClient:
+    """A real client whose rate budget lets ``limit`` requests through per ``window``."""
+    clock = SystemClock()
+    http = httpx.AsyncClient(transport=httpx.MockTransport(platform), base_url="http://p")
+    auth = TokenProvider(http, email="e@x.io", password=SecretStr("pw"), clock=clock)
+    return PlatformClient(
+        http,
+        auth=auth,
+        budget=RateBudget(limit, window, clock),
+        clock=clock,
+        client_id="acme",
+        policy=RetryPolicy(),
+    )
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(2000):  # ten seconds
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"10 s went by waiting for {what}")
+
+
+async def _ended(task: asyncio.Task[Any], within: float) -> Any:
+    done, _ = await asyncio.wait({task}, timeout=within)
+    assert done, f"the run was still going {within}s later"
+    return task.result()
 
 
 async def test_a_writer_cancelled_as_a_campaign_arrives_stops(store: SqlStore) -> None:
@@ -285,3 +354,122 @@ async def test_a_malformed_campaign_with_an_id_the_database_cannot_hold_is_recor
     assert outcome.status is RunStatus.PARTIAL
     assert [f.kind for f in outcome.failures] == ["payload", "payload"]
     assert store.count_campaigns("acme") == 20
+
+
+async def test_a_stop_while_the_run_waits_for_its_window_ends_it_at_once(
+    store: SqlStore,
+) -> None:
+    platform = MockPlatform(20)
+    client = platform_client(platform, limit=4, window=60.0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(job(client, store, stop=stop, batch_interval=0.01).run())
+    await _until(lambda: store.count_campaigns("acme") >= 3, "three campaigns stored")
+    stop.set()
+    outcome = await _ended(task, 2.0)
+    assert outcome.status is RunStatus.INTERRUPTED
+    assert outcome.error == "stopped by a signal; resumable"
+    # The list call and three sync calls, then nothing: the rest waited for the window.
+    assert len(platform.calls) == 4
+    assert outcome.counters.requests == 4
+    assert outcome.counters.synced == 3
+    assert outcome.failures == []
+    record = store.get_run(outcome.run_id)
+    assert record is not None
+    assert (record.status, record.resumable, record.synced) == (RunStatus.INTERRUPTED, True, 3)
+
+
+async def test_a_lease_taken_over_while_the_run_waits_for_its_window_sends_nothing_more(
+    store: SqlStore,
+) -> None:
+    platform = MockPlatform(20)
+    client = platform_client(platform, limit=4, window=60.0)
+    task = asyncio.create_task(job(client, store, lease_seconds=0.6, batch_interval=0.01).run())
+    await _until(lambda: store.count_campaigns("acme") >= 3, "three campaigns stored")
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    await asyncio.to_thread(store.claim_run, "acme", "host:2:other", later, 60)
+    # The next heartbeat (every 0.2 s) tells the run it is no longer ours.
+    outcome = await _ended(task, 2.0)
+    assert outcome.status is RunStatus.INTERRUPTED
+    assert outcome.taken_over
+    assert len(platform.calls) == 4
+
+
+async def test_a_run_its_last_calls_complete_after_the_stop_is_still_interrupted(
+    store: SqlStore,
+) -> None:
+    client = ScriptedClient(n=10, delay=0.3)
+    stop = asyncio.Event()
+    task = asyncio.create_task(job(client, store, stop=stop, concurrency=10).run())
+    # The page and all ten sync calls are under way.
+    await _until(lambda: client.stats.requests >= 11, "every call under way")
+    stop.set()
+    outcome = await _ended(task, 5.0)
+    assert len(client.synced) == 10
+    assert outcome.status is RunStatus.INTERRUPTED
+    assert outcome.counters.synced == 10
+    record = store.get_run(outcome.run_id)
+    assert record is not None
+    assert (record.status, record.resumable) == (RunStatus.INTERRUPTED, True)
+
+
+async def test_a_hard_stop_writes_every_campaign_whose_sync_call_succeeded(
+    store: SqlStore,
+) -> None:
+    # The writer holds its batch for a minute: a cancellation finds it unwritten.
+    client = ScriptedClient(n=200, delay=0.02)
+    task = asyncio.create_task(job(client, store, batch_interval=60.0).run())
+    await _until(lambda: len(client.synced) >= 12, "a dozen campaigns synced")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5.0)
+    synced = set(client.synced)
+    (record,) = store.recent_runs("acme")
+    assert (record.status, record.resumable) == (RunStatus.INTERRUPTED, True)
+    assert store.checkpoint(record.id).synced == synced
+    assert store.count_campaigns("acme") == len(synced)
+    assert record.synced == len(synced)
+
+
+async def test_a_heartbeat_stuck_past_the_lease_stops_the_run_by_the_clock(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A hung database: the heartbeat never comes back to say anything.
+    release = threading.Event()
+
+    def hung(*args: Any, **kwargs: Any) -> bool:
+        release.wait(10)
+        return False
+
+    monkeypatch.setattr(store, "heartbeat", hung)
+    client = ScriptedClient(n=400, delay=0.02)
+    try:
+        outcome = await asyncio.wait_for(
+            job(client, store, concurrency=2, lease_seconds=0.6).run(), 10.0
+        )
+    finally:
+        release.set()
+    assert outcome.status is RunStatus.INTERRUPTED
+    assert outcome.error == "could not renew the run's lease; resumable"
+    # Sends stopped a request's length before the lease ran out (0.5 s in, at
+    # about 100 calls a second), not at the end of the run.
+    assert len(client.synced) < 100
+
+
+async def test_a_lease_lost_by_one_account_does_not_stop_the_others(store: SqlStore) -> None:
+    # Accounts synced side by side share the stop of their process (a signal);
+    # one run losing its lease stops that run alone.
+    stop = asyncio.Event()
+    lost, kept = ScriptedClient(n=40, delay=0.05), ScriptedClient(n=40, delay=0.05)
+    options = {"concurrency": 2, "lease_seconds": 0.6}
+    tasks = [
+        asyncio.create_task(job(lost, store, "lost", stop=stop, **options).run()),
+        asyncio.create_task(job(kept, store, "kept", stop=stop, **options).run()),
+    ]
+    await _until(lambda: len(lost.synced) >= 4, "the runs under way")
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    await asyncio.to_thread(store.claim_run, "lost", "host:2:other", later, 60)
+    gone, going_on = await asyncio.gather(*(_ended(t, 10.0) for t in tasks))
+    assert gone.taken_over
+    assert not stop.is_set()
+    assert going_on.status is RunStatus.SUCCEEDED
+    assert len(kept.synced) == 40
