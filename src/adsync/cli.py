@@ -14,18 +14,24 @@ from typing import Annotated, Any, Literal
 import structlog
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from adsync.accounts import DEFAULT_ACCOUNTS_FILE, load_accounts, select
-from adsync.cli_common import VerboseOpt, database_url, err, errors, open_store
+from adsync.cli_common import (
+    VerboseOpt,
+    database_url,
+    err,
+    errors,
+    open_store,
+    shown,
+)
 from adsync.cli_history import register as register_history
 from adsync.cli_worker import register as register_worker
 from adsync.config import Settings, load_settings
 from adsync.errors import ConfigError
 from adsync.metrics import Metrics, MetricsServer
-from adsync.observability import REDACTOR, configure_logging
+from adsync.observability import configure_logging
 from adsync.runner import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
@@ -136,13 +142,13 @@ def _summary(outcome: SyncOutcome) -> None:
     )
     for failure in outcome.failures[:20]:
         name = failure.campaign_id or "(no id)"
-        err.print(escape(f"  failed {name} [{failure.kind}]: {failure.reason}"))
+        err.print(shown(f"  failed {name} [{failure.kind}]: {failure.reason}"))
     if len(outcome.failures) > 20:
         err.print(f"  ... and {len(outcome.failures) - 20} more: adsync runs show {outcome.run_id}")
     for problem in outcome.problems:
-        err.print(escape(f"  listing: {problem}"))
+        err.print(shown(f"  listing: {problem}"))
     if outcome.error:
-        err.print(escape(f"  error: {REDACTOR.scrub(outcome.error)}"))
+        err.print(shown(f"  error: {outcome.error}"))
 
 
 def run_with_signals(
@@ -188,7 +194,7 @@ def _summary_of(result: AccountResult) -> None:
         _summary(result.outcome)
     else:
         err.print(
-            f"[bold red]failed[/] client {escape(result.client_id)}: {escape(result.error or '')}"
+            f"[bold red]failed[/] client {shown(result.client_id)}: {shown(result.error or '')}"
         )
 
 
@@ -329,9 +335,9 @@ def accounts_list(
         if row["rate_window"] is not None:
             limit += f" per {row['rate_window']}s"
         table.add_row(
-            escape(str(row["client_id"])),
-            escape(str(row["email"])),
-            escape(str(row["password_from"])),
+            shown(str(row["client_id"])),
+            shown(str(row["email"])),
+            shown(str(row["password_from"])),
             limit,
             "yes" if row["enabled"] else "no",
         )

@@ -19,6 +19,7 @@ from rich.markup import escape
 from adsync.config import DEFAULT_DATABASE_URL, describe_validation_error
 from adsync.errors import AdsyncError, AuthError, ConfigError, StoreError
 from adsync.observability import REDACTOR
+from adsync.printable import visible
 from adsync.runner import EXIT_AUTH, EXIT_CONFIG, EXIT_FAILURES
 from adsync.store import SqlStore
 
@@ -26,6 +27,11 @@ from adsync.store import SqlStore
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")]
+
+
+def shown(text: str) -> str:
+    """Text from outside, ready for rich markup: no secret, no control character, no markup."""
+    return escape(visible(REDACTOR.scrub(text)))
 
 
 @contextlib.contextmanager
@@ -41,7 +47,7 @@ def errors(verbose: bool) -> Iterator[None]:
         if verbose:
             err.print_exception()
         # soft_wrap: the message stays one line for grep and log collectors.
-        err.print(f"[bold red]error:[/] {escape(REDACTOR.scrub(str(exc)))}", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {shown(str(exc))}", soft_wrap=True)
         if isinstance(exc, ConfigError):
             code = EXIT_CONFIG
         elif isinstance(exc, AuthError):

@@ -5,7 +5,9 @@ or JSON-ready dicts out. Reading the store and choosing where to print is the CL
 
 Error texts and failure reasons are scrubbed on the way out, in text and JSON alike:
 they come from exceptions, and a DSN password or a token must never reach a terminal
-or a monitoring pipeline through them.
+or a monitoring pipeline through them. In text, whatever came from outside (ids,
+reasons, errors) is shown with its control characters escaped: a terminal would
+obey them. JSON keeps it as it came; its encoder escapes what needs it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from rich.text import Text
 
 from adsync.models import CampaignFailure, RunRecord, RunStatus
 from adsync.observability import REDACTOR
+from adsync.printable import visible
 
 __all__ = [
     "FAILURES_IN_STATUS",
@@ -115,7 +118,12 @@ def _status_label(run: RunRecord, now: datetime | None) -> str:
 
 
 def _campaign(failure: CampaignFailure) -> str:
-    return failure.campaign_id or "(no id)"
+    return visible(failure.campaign_id) if failure.campaign_id else "(no id)"
+
+
+def _said(text: str) -> str:
+    """A stored text (an error, a reason) as a terminal may show it."""
+    return visible(REDACTOR.scrub(text))
 
 
 # --- ordering and JSON -------------------------------------------------------------------
@@ -207,7 +215,7 @@ def render_status(
         last_of_client = i + 1 == len(ordered) or ordered[i + 1].client_id != run.client_id
         table.add_row(
             run.id[:SHORT_ID],
-            Text(run.client_id),
+            Text(visible(run.client_id)),
             Text(_status_label(run, now), style=_STATUS_STYLE[run.status]),
             format_time(run.started_at),
             format_duration(_seconds(run)),
@@ -228,7 +236,7 @@ def render_status(
             continue
         console.print()
         head = Text(f"run {run.id[:SHORT_ID]} ", style="bold")
-        head.append(Text(run.client_id))
+        head.append(Text(visible(run.client_id)))
         head.append(" ")
         head.append(run.status.value, style=_STATUS_STYLE[run.status])
         if listed:
@@ -236,11 +244,9 @@ def render_status(
         console.print(head)
         # soft_wrap: one line per failure however long, so the output greps well.
         if run.error:
-            console.print(Text(f"  error: {REDACTOR.scrub(run.error)}"), soft_wrap=True)
+            console.print(Text(f"  error: {_said(run.error)}"), soft_wrap=True)
         for failure in listed[:max_failures]:
-            line = (
-                f"  failed {_campaign(failure)} [{failure.kind}]: {REDACTOR.scrub(failure.reason)}"
-            )
+            line = f"  failed {_campaign(failure)} [{failure.kind}]: {_said(failure.reason)}"
             console.print(Text(line), soft_wrap=True)
         if len(listed) > max_failures:
             console.print(
@@ -262,14 +268,14 @@ def render_run(
     details.add_column()
     rows: list[tuple[str, Text | str]] = [
         ("run", run.id),
-        ("client", Text(run.client_id)),
+        ("client", Text(visible(run.client_id))),
         ("status", Text(_status_label(run, now), style=_STATUS_STYLE[run.status])),
         ("started", format_time(run.started_at)),
         ("finished", format_time(run.finished_at)),
         ("duration", format_duration(_seconds(run))),
         ("heartbeat", format_time(run.heartbeat_at)),
         ("lease until", format_time(run.lease_until)),
-        ("owner", Text(run.owner)),
+        ("owner", Text(visible(run.owner))),
         ("resumes", str(run.resumes)),
         ("campaigns", f"seen {run.seen}, synced {run.synced}, failed {run.failed}"),
         (
@@ -280,7 +286,7 @@ def render_run(
         ("resumable", "yes" if run.resumable else "no"),
     ]
     if run.error:
-        rows.append(("error", Text(REDACTOR.scrub(run.error))))
+        rows.append(("error", Text(_said(run.error))))
     for key, value in rows:
         details.add_row(key, value)
     console.print(details)
@@ -300,7 +306,5 @@ def render_run(
     table.add_column("kind", no_wrap=True)
     table.add_column("reason", overflow="fold")
     for failure in failures:
-        table.add_row(
-            Text(_campaign(failure)), Text(failure.kind), Text(REDACTOR.scrub(failure.reason))
-        )
+        table.add_row(Text(_campaign(failure)), Text(failure.kind), Text(_said(failure.reason)))
     console.print(table)

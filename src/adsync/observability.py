@@ -2,7 +2,9 @@
 
 The first line of defence is that secrets are ``SecretStr`` and never passed to a
 logger. The redaction step catches what slips through anyway: any registered
-secret value, and anything shaped like an Authorization header value.
+secret value, and anything shaped like an Authorization header value. On a
+console, what a log line quotes from outside is shown with its control
+characters escaped (:func:`adsync.printable.visible`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Iterable, MutableMapping
 from typing import Any, Literal, TextIO
 
 import structlog
+
+from adsync.printable import visible
 
 REDACTED = "***"
 _AUTH_VALUE = re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
@@ -59,6 +63,39 @@ class Redactor:
 REDACTOR = Redactor()
 
 
+class _Escaped(str):
+    """Text that went through :func:`visible` already.
+
+    The console renderer prints short strings as they are and ``repr()``s the
+    others; ``repr()`` would escape the escapes a second time (``\\\\x1b``), so
+    this one only adds the quotes.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        quote = '"' if "'" in self and '"' not in self else "'"
+        return f"{quote}{self}{quote}"
+
+
+# Multi-line text of our own (tracebacks): its line breaks are kept.
+_MULTI_LINE = frozenset({"exception", "stack"})
+
+
+def _console_safe(
+    logger: Any, method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    # Only strings need it: the renderer repr()s everything else, and repr()
+    # escapes control characters itself.
+    for key, value in list(event.items()):
+        if isinstance(value, str):
+            multi = key in _MULTI_LINE
+            event[key] = _Escaped(
+                visible(value, newlines=True, limit=None) if multi else visible(value)
+            )
+    return event
+
+
 def configure_logging(
     level: str = "INFO",
     fmt: Literal["auto", "json", "console"] = "auto",
@@ -74,6 +111,8 @@ def configure_logging(
         if use_json
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
+    # A terminal (or a file later paged on one) obeys control characters.
+    last: list[Any] = [REDACTOR, renderer] if use_json else [REDACTOR, _console_safe, renderer]
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -84,8 +123,7 @@ def configure_logging(
         processors=[
             *shared,
             structlog.processors.format_exc_info,
-            REDACTOR,
-            renderer,
+            *last,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
@@ -98,8 +136,10 @@ def configure_logging(
         structlog.stdlib.ProcessorFormatter(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                REDACTOR,
-                renderer,
+                # A library's traceback as text, so the redaction sees it (and a
+                # console renderer never shows a frame's local variables).
+                structlog.processors.format_exc_info,
+                *last,
             ],
             foreign_pre_chain=shared,
         )

@@ -79,6 +79,7 @@ from adsync.models import (
     RunWrite,
     SyncedCampaign,
 )
+from adsync.printable import shorten
 from adsync.ratelimit import (
     LOOKBACK_SPANS,
     Reservation,
@@ -123,6 +124,12 @@ ITEM_FAILED: Final = "failed"
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _kept(text: str) -> str:
+    # Reasons and errors quote the platform and exceptions: no megabyte error
+    # body goes into the database.
+    return shorten(text)
 
 
 @functools.cache
@@ -761,7 +768,7 @@ class SqlStore:
                     finished_at=now,
                     heartbeat_at=now,
                     resumable=keep,
-                    error=error,
+                    error=None if error is None else _kept(error),
                     **_counter_values(counters),
                 )
             )
@@ -988,7 +995,7 @@ class SqlStore:
                 "client_id": client_id,
                 "campaign_id": f.campaign_id or None,
                 "kind": f.kind,
-                "reason": f.reason,
+                "reason": _kept(f.reason),
                 "failed_at": now,
             }
             for f in [*with_id, *without_id]

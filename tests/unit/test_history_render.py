@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import unicodedata
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -238,6 +239,28 @@ def test_secrets_are_scrubbed_from_errors_and_reasons_in_json_and_text() -> None
         assert "postgresql://adsync:***@db/adsync" in output
 
 
+def test_control_characters_from_outside_are_shown_as_escapes() -> None:
+    hostile = "\x1b]0;pwned\x07\x1b[2J\x1b[32mALL GOOD\x1b[0m\u202e"
+    record = run(
+        "r1",
+        f"acme{hostile}",
+        status=RunStatus.FAILED,
+        error=f"HTTP 400: {hostile}",
+        owner=f"host{hostile}",
+    )
+    failures = [CampaignFailure(f"c{hostile}", f"reason {hostile}", "sync")]
+    text = capture(render_status, [record], {"r1": failures}) + capture(
+        render_run, record, failures
+    )
+    for raw in ("\x1b", "\x07", "\u202e"):
+        assert raw not in text
+    assert r"failed c\x1b]0;pwned\x07" in text
+    assert r"reason \x1b]0;pwned\x07\x1b[2J\x1b[32mALL GOOD\x1b[0m\u202e" in text
+    assert r"error: HTTP 400: \x1b]0;pwned\x07" in text
+    # JSON keeps the text as it came: a machine reads it, not a terminal.
+    assert run_to_dict(record, failures)["failures"][0]["campaign_id"] == f"c{hostile}"
+
+
 # --- status text -----------------------------------------------------------------------
 
 
@@ -360,5 +383,8 @@ def test_any_text_round_trips_through_json_and_renders(
     assert [f["campaign_id"] for f in doc["runs"][0]["failures"]] == [
         f.campaign_id or None for f in failures
     ]
-    capture(render_status, [record], {"r1": failures})
-    capture(render_run, record, failures)
+    text = capture(render_status, [record], {"r1": failures}) + capture(
+        render_run, record, failures
+    )
+    # Whatever came in, nothing a terminal obeys goes out; line breaks are our own.
+    assert [c for c in text if unicodedata.category(c) == "Cc" and c != "\n"] == []

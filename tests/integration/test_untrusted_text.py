@@ -1,0 +1,171 @@
+"""What a hostile platform says reaches no terminal raw.
+
+``adsync`` runs as a user runs it (a subprocess with its settings in the environment)
+against a stand-in platform that puts control sequences in campaign ids and error
+messages.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from _proc import child_env
+from _standin import Script, StandIn, campaign, standin_platform
+from typer.testing import CliRunner
+
+from adsync.cli import app
+from adsync.models import CampaignFailure, RunCounters, RunStatus
+from adsync.store import SqlStore
+
+pytestmark = pytest.mark.timeout(120)
+
+# A window title, a cleared screen and a green "ALL GOOD", then a right-to-left override.
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\x1b[32mALL GOOD\x1b[0m\u202e"
+EVIL_ID = f"evil{HOSTILE}"
+# Characters that must never reach a terminal from the platform.
+RAW = ("\x1b", "\x07", "\u202e", "\x9b")
+
+
+def sync_env(standin: StandIn, database_url: str, **over: str) -> dict[str, str]:
+    env = {
+        "AD_PLATFORM_API_URL": standin.url,
+        "AD_PLATFORM_EMAIL": "ops@agency.example",
+        "AD_PLATFORM_PASSWORD": "pw-Of-the-agency-7",
+        "AD_PLATFORM_CLIENT_ID": "hostile",
+        "AD_PLATFORM_RATE_LIMIT": "100",
+        "AD_PLATFORM_RATE_WINDOW": "1",
+        "AD_PLATFORM_REQUEST_TIMEOUT": "2",
+        "AD_PLATFORM_REQUEST_DEADLINE": "5",
+        "AD_PLATFORM_MAX_ATTEMPTS": "2",
+        "AD_PLATFORM_BACKOFF_INITIAL": "0.01",
+        "AD_PLATFORM_BACKOFF_MAX": "0.05",
+        "DATABASE_URL": database_url,
+    }
+    env.update(over)
+    return env
+
+
+def adsync(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``adsync ARGS``."""
+    return subprocess.run(
+        [sys.executable, "-m", "adsync.cli", *args],
+        env=child_env(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def assert_no_raw_controls(text: str) -> None:
+    for char in RAW:
+        assert char not in text, f"raw {char!r} in output:\n{text[-3000:]}"
+    # A carriage return rewrites the line it is on; the only newlines are our own.
+    assert "\r" not in text
+
+
+def test_platform_control_characters_reach_no_terminal(tmp_path: Path, database_url: str) -> None:
+    script = Script(
+        campaigns=[
+            campaign("c-1"),
+            campaign(EVIL_ID, name=None),  # malformed: no name
+            campaign("c-400"),
+        ],
+        sync_answer=lambda cid, _token: (
+            (
+                400,
+                {
+                    "error": f"Bad request{HOSTILE}",
+                    "message": f"\r\x1b[2K\x9b31m [bold red]markup[/bold red] {HOSTILE}",
+                },
+            )
+            if cid == "c-400"
+            else None
+        ),
+    )
+    with standin_platform(script) as standin:
+        env = sync_env(standin, database_url)
+        result = adsync(
+            "sync", "--log-format", "console", "--log-level", "DEBUG", env=env, cwd=tmp_path
+        )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "1 synced, 2 failed of 3 seen" in result.stderr
+    assert_no_raw_controls(result.stdout + result.stderr)
+    # The summary and the console log lines show what came, escaped; markup stays text.
+    summary = [line for line in result.stderr.splitlines() if line.startswith("  failed")]
+    assert any(r"evil\x1b]0;pwned\x07\x1b[2J\x1b[32mALL GOOD" in line for line in summary)
+    assert any("[bold red]markup[/bold red]" in line for line in summary)
+    assert any(r"\r\x1b[2K\x9b31m" in line for line in summary)
+    logged = [line for line in result.stderr.splitlines() if "campaign failed" in line]
+    assert any(r"\x1b]0;pwned\x07" in line for line in logged), result.stderr[-3000:]
+
+    env = {"DATABASE_URL": database_url, "COLUMNS": "1000"}
+    status = adsync("status", env=env, cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert_no_raw_controls(status.stdout + status.stderr)
+    assert r"evil\x1b]0;pwned\x07" in status.stdout
+    assert "[bold red]markup[/bold red]" in status.stdout
+
+    document = adsync("status", "--json", env=env, cwd=tmp_path)
+    (run,) = json.loads(document.stdout)["runs"]
+    # JSON keeps the platform's text as it came: a machine reads it, not a terminal.
+    assert {f["campaign_id"] for f in run["failures"]} == {EVIL_ID, "c-400"}
+
+    show = adsync("runs", "show", run["id"], env=env, cwd=tmp_path)
+    assert show.returncode == 0, show.stderr
+    assert_no_raw_controls(show.stdout + show.stderr)
+    assert r"evil\x1b]0;pwned\x07" in show.stdout
+
+
+def test_what_is_stored_is_bounded(store: SqlStore) -> None:
+    now = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+    run = store.claim_run("acme", "host:1:a", now, 30.0)
+    megabyte = "x" * 1_000_000
+    store.write_failures(
+        run.id, "acme", [CampaignFailure("c1", f"token lacks scope {megabyte}", "sync")]
+    )
+    store.finish_run(
+        run.id,
+        "host:1:a",
+        RunStatus.FAILED,
+        RunCounters(),
+        now,
+        f"HTTP 403: token lacks scope {megabyte}",
+        resumable=True,
+    )
+    (failure,) = store.run_failures(run.id)
+    assert failure.reason.startswith("token lacks scope xxx")
+    assert len(failure.reason) < 2_100
+    stored = store.get_run(run.id)
+    assert stored is not None
+    assert stored.error is not None
+    assert stored.error.startswith("HTTP 403: token lacks scope xxx")
+    assert len(stored.error) < 2_100
+
+
+def test_accounts_list_shows_control_characters_as_escapes(tmp_path: Path) -> None:
+    accounts = tmp_path / "accounts.toml"
+    accounts.write_text(
+        "[[accounts]]\n"
+        'client_id = "acme"\n'
+        'email = "ads\\u001b]0;pwned\\u0007@acme.example"\n'
+        'password_file = "/run/secrets/\\u001b[2J[bold]acme[/bold]"\n'
+        'api_url = "http://x\\u202e.example"\n'
+    )
+    result = CliRunner().invoke(
+        app, ["accounts", "list", "--accounts", str(accounts)], env={"COLUMNS": "300"}
+    )
+    assert result.exit_code == 0, result.output
+    for raw in ("\x1b", "\x07", "\u202e"):
+        assert raw not in result.stdout
+    assert r"ads\x1b]0;pwned\x07@acme.example" in result.stdout
+    assert r"\x1b[2J[bold]acme[/bold]" in result.stdout
+    listed = CliRunner().invoke(app, ["accounts", "list", "--json", "--accounts", str(accounts)])
+    assert json.loads(listed.stdout)["accounts"][0]["email"] == "ads\x1b]0;pwned\x07@acme.example"
