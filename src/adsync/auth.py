@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import re
 from dataclasses import dataclass
+from typing import Final
 
 import httpx
 import structlog
@@ -17,10 +19,31 @@ from pydantic import BaseModel, ValidationError
 from pydantic import SecretStr as _SecretStr
 
 from adsync.clock import Clock
-from adsync.errors import AuthError, TransientError
+from adsync.errors import AuthError, TransientError, UnusableToken
 from adsync.retry import RetryPolicy, RetryStats, retrying
 
 log = structlog.get_logger("adsync.auth")
+
+# What a header value can carry unchanged: visible ASCII, no spaces (RFC 9110
+# field values; RFC 6750 tokens are a subset). Anything else either fails to
+# encode or changes the request, as a CR LF would.
+_HEADER_SAFE: Final = re.compile(r"[\x21-\x7e]+")
+# Far above any real token (JWTs of a few kilobytes), below what servers accept
+# as a whole header section.
+_MAX_TOKEN: Final = 8192
+
+
+def token_problem(token: str) -> str | None:
+    """Why ``token`` cannot be sent as ``Authorization: Bearer <token>``, or None."""
+    if not token:
+        return "is empty"
+    if len(token) > _MAX_TOKEN:
+        return f"is {len(token)} characters long (at most {_MAX_TOKEN})"
+    if not token.isascii():
+        return "has non-ASCII characters"
+    if not _HEADER_SAFE.fullmatch(token):
+        return "has spaces or control characters"
+    return None
 
 
 class TokenPayload(BaseModel):
@@ -151,4 +174,12 @@ class TokenProvider:
         except ValidationError:
             # Not chained: pydantic's message would quote the body, token included.
             raise TransientError("token endpoint sent an unreadable body") from None
+        problem = token_problem(payload.access_token)
+        if problem is not None:
+            # Not retried: the endpoint would most likely send the same again. The
+            # token itself stays out of the message.
+            raise UnusableToken(
+                f"the token endpoint sent an access token that {problem}: it cannot be "
+                "sent in an Authorization header; the platform must issue a usable one"
+            )
         return plan_token(payload, self._clock.wall(), self._margin)

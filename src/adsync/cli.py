@@ -24,12 +24,13 @@ from adsync.cli_common import (
     err,
     errors,
     open_store,
+    print_traceback,
     shown,
 )
 from adsync.cli_history import register as register_history
 from adsync.cli_worker import register as register_worker
 from adsync.config import Settings, load_settings
-from adsync.errors import ConfigError
+from adsync.errors import AdsyncError, ConfigError
 from adsync.metrics import Metrics, MetricsServer
 from adsync.observability import configure_logging
 from adsync.runner import (
@@ -129,7 +130,7 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def _summary(outcome: SyncOutcome) -> None:
+def _summary(outcome: SyncOutcome, *, verbose: bool = False) -> None:
     c = outcome.counters
     colour = {"succeeded": "green", "partial": "yellow"}.get(outcome.status.value, "red")
     err.print(
@@ -148,7 +149,11 @@ def _summary(outcome: SyncOutcome) -> None:
     for problem in outcome.problems:
         err.print(shown(f"  listing: {problem}"))
     if outcome.error:
-        err.print(shown(f"  error: {outcome.error}"))
+        unexpected = outcome.fatal is not None and not isinstance(outcome.fatal, AdsyncError)
+        hint = " (--verbose shows the traceback)" if unexpected and not verbose else ""
+        err.print(shown(f"  error: {outcome.error}") + hint)
+    if verbose and outcome.fatal is not None:
+        print_traceback(outcome.fatal)
 
 
 def run_with_signals(
@@ -189,9 +194,9 @@ def run_with_signals(
     return result, (received[0] if received else None)
 
 
-def _summary_of(result: AccountResult) -> None:
+def _summary_of(result: AccountResult, *, verbose: bool = False) -> None:
     if result.outcome is not None:
-        _summary(result.outcome)
+        _summary(result.outcome, verbose=verbose)
     else:
         err.print(
             f"[bold red]failed[/] client {shown(result.client_id)}: {shown(result.error or '')}"
@@ -204,6 +209,7 @@ def _run_sync(
     *,
     show_progress: bool,
     metrics: Metrics | None = None,
+    verbose: bool = False,
 ) -> int:
     bar = _Bar(err) if show_progress and err.is_terminal else None
     received: list[int] = []
@@ -232,7 +238,7 @@ def _run_sync(
             err.print(f"[red]stopped {why}; the run is resumable[/]")
             return EXIT_SIGTERM if received and received[0] == signal.SIGTERM else EXIT_SIGINT
     for result in results:
-        _summary_of(result)
+        _summary_of(result, verbose=verbose)
     # Stopped by a signal: its code, whatever state each run was in.
     code = exit_code_for_signal(received[0]) if received else combined_exit_code(results)
     if len(results) > 1:
@@ -293,7 +299,9 @@ def sync(
                 retry_wait=first.db_retry_wait,
             )
             try:
-                code = _run_sync(settings_list, store, show_progress=progress, metrics=metrics)
+                code = _run_sync(
+                    settings_list, store, show_progress=progress, metrics=metrics, verbose=verbose
+                )
             finally:
                 store.dispose()
         finally:
@@ -397,7 +405,7 @@ def demo(
         err.print(f"simulator on {sim.url}: 10 requests per 1 s window, faults on; syncing ...")
         store = open_store(settings.database_url.get_secret_value())
         try:
-            code = _run_sync([settings], store, show_progress=True)
+            code = _run_sync([settings], store, show_progress=True, verbose=verbose)
             rows = store.count_campaigns("demo")
         finally:
             store.dispose()

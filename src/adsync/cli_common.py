@@ -7,6 +7,7 @@ without importing the main app that registers them.
 from __future__ import annotations
 
 import contextlib
+import traceback
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -15,6 +16,7 @@ from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
 from adsync.config import DEFAULT_DATABASE_URL, describe_validation_error
 from adsync.errors import AdsyncError, AuthError, ConfigError, StoreError
@@ -34,18 +36,24 @@ def shown(text: str) -> str:
     return escape(visible(REDACTOR.scrub(text)))
 
 
+def print_traceback(exc: BaseException) -> None:
+    """The traceback of ``exc`` on stderr, scrubbed, its control characters escaped."""
+    text = "".join(traceback.format_exception(exc)).rstrip("\n")
+    err.print(Text(visible(REDACTOR.scrub(text), newlines=True, limit=None)), soft_wrap=True)
+
+
 @contextlib.contextmanager
 def errors(verbose: bool) -> Iterator[None]:
-    """Turn adsync's errors into one scrubbed line and a distinct exit code.
+    """Turn errors into one scrubbed line and a distinct exit code.
 
-    2 bad configuration, 3 credentials refused, 1 anything else; a traceback
-    only with ``--verbose``.
+    2 bad configuration, 3 credentials refused, 1 anything else (a bug
+    included); a traceback only with ``--verbose``.
     """
     try:
         yield
     except AdsyncError as exc:
         if verbose:
-            err.print_exception()
+            print_traceback(exc)
         # soft_wrap: the message stays one line for grep and log collectors.
         err.print(f"[bold red]error:[/] {shown(str(exc))}", soft_wrap=True)
         if isinstance(exc, ConfigError):
@@ -55,6 +63,17 @@ def errors(verbose: bool) -> Iterator[None]:
         else:
             code = EXIT_FAILURES
         raise typer.Exit(code) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug: said in one line like any error, exit 1
+        if verbose:
+            print_traceback(exc)
+        hint = "" if verbose else " (--verbose shows the traceback)"
+        err.print(
+            f"[bold red]error:[/] unexpected {type(exc).__name__}: {shown(str(exc))}{hint}",
+            soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_FAILURES) from None
 
 
 class _DatabaseSettings(BaseSettings):

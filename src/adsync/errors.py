@@ -7,6 +7,7 @@ AdsyncError
 │   ├── TransientError     worth retrying: 5xx, timeout, connection error, invalid JSON
 │   │   └── RateLimited    429: the budget pauses, then the request is retried
 │   ├── PermanentError     not worth retrying: a 4xx other than 401/429
+│   ├── UnusableToken      the token endpoint sent a token no request can carry
 │   └── PaginationError    the listing is inconsistent beyond what the guards can repair
 ├── PayloadError           a campaign payload did not validate
 ├── JobFailed              a worker's sync job ended without syncing its account
@@ -62,6 +63,13 @@ class RateLimited(TransientError):
 
 class PermanentError(PlatformError):
     """A failure that retrying cannot fix (4xx other than 401 and 429)."""
+
+
+class UnusableToken(PlatformError):
+    """The token endpoint sent an access token that cannot go into a request header.
+
+    The account's problem, not a campaign's: it ends the run (resumable).
+    """
 
 
 class PaginationError(PlatformError):

@@ -26,6 +26,7 @@ from adsync.errors import (
     Stopped,
     StoreError,
     StoreUnavailable,
+    UnusableToken,
 )
 from adsync.gate import LEASE_NOT_RENEWED, LEASE_TAKEN, SIGNALLED, SendGate
 from adsync.metrics import Deltas, Metrics, add_totals
@@ -268,6 +269,13 @@ class SyncJob:
             await self._pipeline()
         except (AuthError, StoreError, PlatformError) as exc:
             status, error, fatal = RunStatus.FAILED, str(exc), exc
+        except Exception as exc:
+            # A bug must not leave the run "running": it fails, resumable, saying what.
+            log.error(  # noqa: TRY400 - one line; the traceback is for DEBUG
+                "run failed on an unexpected error", error=f"{type(exc).__name__}: {exc}"
+            )
+            log.debug("traceback of the unexpected error", exc_info=exc)
+            status, error, fatal = RunStatus.FAILED, f"unexpected {type(exc).__name__}: {exc}", exc
         except asyncio.CancelledError:
             status, error = RunStatus.INTERRUPTED, "stopped before finishing"
             await self._finish(status, error)
@@ -462,7 +470,8 @@ class SyncJob:
                 receipt = await self._client.sync_campaign(campaign.id)
             except Stopped:
                 return  # not sent: the campaign stays pending for the resumed run
-            except AuthError:
+            except (AuthError, UnusableToken):
+                # The account's problem, not this campaign's: it ends the run.
                 raise
             except AdsyncError as exc:
                 self._fail(CampaignFailure(campaign.id, str(exc), "sync"))

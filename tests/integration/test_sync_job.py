@@ -188,6 +188,20 @@ async def test_a_fatal_error_at_any_moment_ends_the_run(store: SqlStore) -> None
         assert isinstance(outcome.fatal, AuthError)
 
 
+async def test_an_unexpected_error_ends_the_run_failed_and_resumable(store: SqlStore) -> None:
+    client = ScriptedClient(n=30)
+    client.fail_sync["c7"] = RuntimeError("a bug's message")
+    outcome = await asyncio.wait_for(job(client, store).run(), 10.0)
+    assert outcome.status is RunStatus.FAILED
+    assert isinstance(outcome.fatal, RuntimeError)
+    assert outcome.error == "unexpected RuntimeError: a bug's message"
+    stored = store.get_run(outcome.run_id)
+    assert stored is not None
+    assert stored.status is RunStatus.FAILED
+    assert stored.resumable
+    assert stored.error == outcome.error
+
+
 async def test_a_page_that_cannot_be_listed_stops_the_other_page_fetches(
     store: SqlStore,
 ) -> None:

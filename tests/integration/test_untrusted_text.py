@@ -1,8 +1,8 @@
-"""What a hostile platform says reaches no terminal raw.
+"""What a hostile platform says reaches no terminal raw and breaks no run.
 
 ``adsync`` runs as a user runs it (a subprocess with its settings in the environment)
 against a stand-in platform that puts control sequences in campaign ids and error
-messages.
+messages, or hands out tokens that cannot go into a header.
 """
 
 from __future__ import annotations
@@ -12,13 +12,16 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from _proc import child_env
 from _standin import Script, StandIn, campaign, standin_platform
 from typer.testing import CliRunner
 
 from adsync.cli import app
+from adsync.config import sqlalchemy_url
 from adsync.models import CampaignFailure, RunCounters, RunStatus
 from adsync.store import SqlStore
 
@@ -50,10 +53,20 @@ def sync_env(standin: StandIn, database_url: str, **over: str) -> dict[str, str]
     return env
 
 
-def adsync(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``adsync ARGS``."""
+def adsync(
+    *args: str, env: dict[str, str], cwd: Path, python: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``adsync ARGS``; with ``python``, that code runs first in the same interpreter."""
+    argv = [sys.executable, "-m", "adsync.cli", *args]
+    if python is not None:
+        argv = [
+            sys.executable,
+            "-c",
+            f"{python}\nimport sys\nfrom adsync.cli import main\nsys.argv[0] = 'adsync'\nmain()",
+            *args,
+        ]
     return subprocess.run(
-        [sys.executable, "-m", "adsync.cli", *args],
+        argv,
         env=child_env(env),
         cwd=cwd,
         capture_output=True,
@@ -69,6 +82,16 @@ def assert_no_raw_controls(text: str) -> None:
         assert char not in text, f"raw {char!r} in output:\n{text[-3000:]}"
     # A carriage return rewrites the line it is on; the only newlines are our own.
     assert "\r" not in text
+
+
+def runs(database_url: str) -> list[dict[str, Any]]:
+    engine = sa.create_engine(sqlalchemy_url(database_url))
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT * FROM sync_runs ORDER BY started_at")).mappings()
+            return [dict(r) for r in rows]
+    finally:
+        engine.dispose()
 
 
 def test_platform_control_characters_reach_no_terminal(tmp_path: Path, database_url: str) -> None:
@@ -122,6 +145,52 @@ def test_platform_control_characters_reach_no_terminal(tmp_path: Path, database_
     assert show.returncode == 0, show.stderr
     assert_no_raw_controls(show.stdout + show.stderr)
     assert r"evil\x1b]0;pwned\x07" in show.stdout
+
+
+@pytest.mark.parametrize("token", ["tök-123456789", "tok-1\r\nX-Injected: 1", ""])
+def test_a_token_that_cannot_go_in_a_header_fails_the_run_cleanly(
+    tmp_path: Path, database_url: str, token: str
+) -> None:
+    with standin_platform(Script([campaign("c-1")], token=lambda: token)) as standin:
+        result = adsync("sync", env=sync_env(standin, database_url), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "access token" in result.stderr
+    if token:
+        assert token not in result.stderr
+    (run,) = runs(database_url)
+    assert run["status"] == "failed"
+    assert run["resumable"]
+    assert "access token" in run["error"]
+
+
+def test_an_unexpected_error_in_a_run_fails_it_and_exits_1(
+    tmp_path: Path, database_url: str
+) -> None:
+    # A stand-in for a bug: something the pipeline does not expect, raised mid-run.
+    boom = (
+        "import adsync.client\n"
+        "async def boom(self, campaign_id):\n"
+        "    raise RuntimeError('boom in ' + campaign_id)\n"
+        "adsync.client.PlatformClient.sync_campaign = boom"
+    )
+    with standin_platform(Script([campaign("c-1"), campaign("c-2")])) as standin:
+        env = sync_env(standin, database_url)
+        quiet = adsync("sync", env=env, cwd=tmp_path, python=boom)
+        (failed,) = runs(database_url)
+        verbose = adsync("sync", "--verbose", env=env, cwd=tmp_path, python=boom)
+        (resumed,) = runs(database_url)
+    assert quiet.returncode == 1, quiet.stderr[-3000:]
+    assert "Traceback" not in quiet.stderr
+    assert "error: unexpected RuntimeError: boom in c-" in quiet.stderr
+    assert "--verbose" in quiet.stderr
+    assert failed["status"] == "failed"
+    assert failed["resumable"]
+    assert failed["error"].startswith("unexpected RuntimeError: boom in c-")
+    # Left resumable, so the next run took it up again.
+    assert verbose.returncode == 1, verbose.stderr[-3000:]
+    assert "Traceback (most recent call last)" in verbose.stderr
+    assert (resumed["id"], resumed["status"], resumed["resumes"]) == (failed["id"], "failed", 1)
 
 
 def test_what_is_stored_is_bounded(store: SqlStore) -> None:

@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from adsync.auth import TokenPayload, TokenProvider, plan_token
 from adsync.client import PlatformClient, parse_page
 from adsync.clock import FakeClock
-from adsync.errors import AuthError, PermanentError, TransientError
+from adsync.errors import AuthError, PermanentError, TransientError, UnusableToken
 from adsync.ratelimit import RateBudget
 from adsync.retry import RetryPolicy
 
@@ -47,6 +47,8 @@ class Platform:
         self.tokens = 0
         self.api_calls: list[httpx.Request] = []
         self.valid: set[str] = set()
+        # When set, the access token handed out instead of tok-N.
+        self.token_value: str | None = None
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/auth/token":
@@ -54,7 +56,7 @@ class Platform:
             if request.headers.get("authorization") != expected:
                 return httpx.Response(401, json={"error": "Unauthorized", "message": "bad"})
             self.tokens += 1
-            token = f"tok-{self.tokens}"
+            token = self.token_value if self.token_value is not None else f"tok-{self.tokens}"
             self.valid.add(token)
             return httpx.Response(
                 200,
@@ -330,3 +332,20 @@ def test_token_plan_refreshes_early_and_trusts_the_earlier_clock() -> None:
     assert "t" not in repr(token).replace("Token", "").replace("refresh_at", "").replace(
         "expires_at", ""
     )
+
+
+@pytest.mark.parametrize(
+    "token", ["tök-123456", "tok-1\r\nX-Injected: 1", "", "tok 1", "tok-\x00", "tok-\x7f"]
+)
+async def test_a_token_that_cannot_go_in_a_header_is_a_platform_error(token: str) -> None:
+    clock = FakeClock()
+    platform = Platform(clock, lambda r: httpx.Response(200, json=page_body([])))
+    platform.token_value = token
+    client = make_client(platform, clock)
+    with pytest.raises(UnusableToken, match="access token") as info:
+        await client.list_page(1, 10)
+    if token:
+        assert token not in str(info.value)
+    # Asking again would bring the same token: no retry, and nothing sent with it.
+    assert platform.tokens == 1
+    assert platform.api_calls == []
