@@ -1,7 +1,10 @@
 """Token exchange: Basic credentials in, a Bearer token out, refreshed before it expires.
 
 One refresh at a time however many requests wait for it; the credentials and the
-token never reach a log line or an error message.
+token never reach a log line or an error message. Each secret is handed to an
+``on_secret`` callback the moment the provider has it (the encoded credentials
+when it is built, each token as it arrives), so that the process's redaction
+knows it before anything can quote it.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import asyncio
 import base64
 import random
 import re
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -24,6 +29,7 @@ from adsync.retry import RetryPolicy, RetryStats, retrying
 
 log = structlog.get_logger("adsync.auth")
 
+REDACTED: Final = "***"
 # What a header value can carry unchanged: visible ASCII, no spaces (RFC 9110
 # field values; RFC 6750 tokens are a subset). Anything else either fails to
 # encode or changes the request, as a CR LF would.
@@ -31,6 +37,12 @@ _HEADER_SAFE: Final = re.compile(r"[\x21-\x7e]+")
 # Far above any real token (JWTs of a few kilobytes), below what servers accept
 # as a whole header section.
 _MAX_TOKEN: Final = 8192
+# This provider's current token and the ones before it, for scrubbing error texts.
+_TOKENS_KEPT: Final = 4
+
+
+def _ignore(_secret: str) -> None:
+    return None
 
 
 def token_problem(token: str) -> str | None:
@@ -98,6 +110,7 @@ class TokenProvider:
         policy: RetryPolicy | None = None,
         rng: random.Random | None = None,
         timeout: float = 30.0,
+        on_secret: Callable[[str], None] = _ignore,
     ) -> None:
         self._http = http
         self._email = email
@@ -109,11 +122,28 @@ class TokenProvider:
         self._timeout = timeout
         self._token: Token | None = None
         self._lock = asyncio.Lock()
+        self._on_secret = on_secret
+        self._held: deque[str] = deque(maxlen=_TOKENS_KEPT)
         self.refreshes = 0
+        on_secret(self._encoded())
+
+    def _encoded(self) -> str:
+        raw = f"{self._email}:{self._password.get_secret_value()}".encode()
+        return base64.b64encode(raw).decode("ascii")
 
     def _basic(self) -> str:
-        raw = f"{self._email}:{self._password.get_secret_value()}".encode()
-        return "Basic " + base64.b64encode(raw).decode("ascii")
+        return "Basic " + self._encoded()
+
+    def scrub(self, text: str) -> str:
+        """``text`` without this provider's encoded credentials or any token it held.
+
+        For what the platform says back: an error message may quote the token
+        the request carried.
+        """
+        for secret in sorted((*self._held, self._encoded()), key=len, reverse=True):
+            if secret and secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
 
     def _valid(self) -> Token | None:
         token = self._token
@@ -174,7 +204,9 @@ class TokenProvider:
         except ValidationError:
             # Not chained: pydantic's message would quote the body, token included.
             raise TransientError("token endpoint sent an unreadable body") from None
-        problem = token_problem(payload.access_token)
+        token = payload.access_token
+        self._on_secret(token)
+        problem = token_problem(token)
         if problem is not None:
             # Not retried: the endpoint would most likely send the same again. The
             # token itself stays out of the message.
@@ -182,4 +214,5 @@ class TokenProvider:
                 f"the token endpoint sent an access token that {problem}: it cannot be "
                 "sent in an Authorization header; the platform must issue a usable one"
             )
+        self._held.append(token)
         return plan_token(payload, self._clock.wall(), self._margin)

@@ -58,13 +58,22 @@ class RequestEvent:
     seconds: float
 
 
-def classify(response: httpx.Response, now_wall: float) -> Exception | None:
-    """Decide what a response means: ``None`` for success, else the error to raise."""
+def _same(text: str) -> str:
+    return text
+
+
+def classify(
+    response: httpx.Response, now_wall: float, scrub: Callable[[str], str] = _same
+) -> Exception | None:
+    """Decide what a response means: ``None`` for success, else the error to raise.
+
+    ``scrub`` takes secrets out of the platform's words (a 403 may quote the token).
+    """
     status = response.status_code
     if 200 <= status < 300:
         return None
     retry_after = parse_retry_after(response.headers.get("retry-after"), now_wall)
-    message = _error_text(response)
+    message = _error_text(response, scrub)
     if status == 429:
         return RateLimited(f"rate limited: {message}", status=status, retry_after=retry_after)
     if status >= 500:
@@ -76,17 +85,18 @@ def classify(response: httpx.Response, now_wall: float) -> Exception | None:
     return PermanentError(f"HTTP {status}: {message}", status=status)
 
 
-def _error_text(response: httpx.Response) -> str:
-    # The platform's own error words only; headers (and so tokens) never.
+def _error_text(response: httpx.Response, scrub: Callable[[str], str]) -> str:
+    # The platform's own error words only; headers (and so tokens) never. Each
+    # part scrubbed before it is cut, so that no piece of a secret survives.
     try:
         body = response.json()
     except (ValueError, UnicodeDecodeError):
-        return response.reason_phrase or "no reason given"
+        return scrub(response.reason_phrase)[:200] or "no reason given"
     if isinstance(body, dict):
-        parts = [str(body[k])[:200] for k in ("error", "message") if k in body]
+        parts = [scrub(str(body[k]))[:200] for k in ("error", "message") if k in body]
         if parts:
             return " - ".join(parts)
-    return response.reason_phrase or "no reason given"
+    return scrub(response.reason_phrase)[:200] or "no reason given"
 
 
 def parse_page(body: Any) -> Page:
@@ -236,7 +246,7 @@ class PlatformClient:
                 # A body its Content-Encoding cannot undo: as broken as bad JSON.
                 self._record(endpoint, "invalid_json", started)
                 raise TransientError(f"{endpoint}: undecodable body in the answer") from exc
-            error = classify(response, self._clock.wall())
+            error = classify(response, self._clock.wall(), self.auth.scrub)
             if error is None:
                 try:
                     body = json.loads(response.content)

@@ -23,6 +23,7 @@ from adsync.config import Settings
 from adsync.errors import AdsyncError, AuthError, ConfigError
 from adsync.metrics import Metrics
 from adsync.models import RunStatus
+from adsync.observability import REDACTOR
 from adsync.ratelimit import Margin, RateBudget, SendLogBatcher
 from adsync.retry import RetryPolicy
 from adsync.store import SqlStore, make_owner
@@ -91,6 +92,9 @@ def build_client(
         margin=settings.token_refresh_margin,
         rng=rng,
         timeout=settings.request_deadline,
+        # Every token of every account, current and previous, is redacted wherever
+        # the process prints, logs or stores text.
+        on_secret=REDACTOR.register_recent,
     )
     budget = RateBudget(
         settings.rate_limit,

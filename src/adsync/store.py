@@ -79,6 +79,7 @@ from adsync.models import (
     RunWrite,
     SyncedCampaign,
 )
+from adsync.observability import REDACTOR
 from adsync.printable import shorten
 from adsync.ratelimit import (
     LOOKBACK_SPANS,
@@ -127,9 +128,9 @@ def _utcnow() -> datetime:
 
 
 def _kept(text: str) -> str:
-    # Reasons and errors quote the platform and exceptions: no megabyte error
-    # body goes into the database.
-    return shorten(text)
+    # Reasons and errors quote the platform and exceptions: no secret the process
+    # knows goes into the database, and no megabyte error body either.
+    return shorten(REDACTOR.scrub(text))
 
 
 @functools.cache

@@ -1,8 +1,8 @@
-"""What a hostile platform says reaches no terminal raw and breaks no run.
+"""What a hostile platform says reaches no terminal raw and breaks no run; no echo of a secret stays.
 
 ``adsync`` runs as a user runs it (a subprocess with its settings in the environment)
 against a stand-in platform that puts control sequences in campaign ids and error
-messages, or hands out tokens that cannot go into a header.
+messages, hands out tokens that cannot go into a header, or echoes the token back.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from adsync.cli import app
 from adsync.config import sqlalchemy_url
 from adsync.models import CampaignFailure, RunCounters, RunStatus
+from adsync.observability import REDACTOR
 from adsync.store import SqlStore
 
 pytestmark = pytest.mark.timeout(120)
@@ -92,6 +93,22 @@ def runs(database_url: str) -> list[dict[str, Any]]:
             return [dict(r) for r in rows]
     finally:
         engine.dispose()
+
+
+def every_text_value(database_url: str) -> list[str]:
+    """Every string stored in any column of any table."""
+    engine = sa.create_engine(sqlalchemy_url(database_url))
+    found: list[str] = []
+    try:
+        meta = sa.MetaData()
+        meta.reflect(engine)
+        with engine.connect() as conn:
+            for table in meta.sorted_tables:
+                for row in conn.execute(sa.select(table)):
+                    found.extend(str(v) for v in row if isinstance(v, str))
+    finally:
+        engine.dispose()
+    return found
 
 
 def test_platform_control_characters_reach_no_terminal(tmp_path: Path, database_url: str) -> None:
@@ -193,12 +210,64 @@ def test_an_unexpected_error_in_a_run_fails_it_and_exits_1(
     assert (resumed["id"], resumed["status"], resumed["resumes"]) == (failed["id"], "failed", 1)
 
 
-def test_what_is_stored_is_bounded(store: SqlStore) -> None:
+def test_a_token_echoed_by_the_platform_is_kept_and_shown_nowhere(
+    tmp_path: Path, database_url: str
+) -> None:
+    def scope_error(token: str) -> tuple[int, dict[str, Any]]:
+        return 403, {"error": "Forbidden", "message": f"token {token} lacks scope"}
+
+    script = Script(
+        [campaign(f"c-{i}") for i in range(1, 4)],
+        sync_answer=lambda cid, token: scope_error(token) if cid == "c-2" else None,
+    )
+    with standin_platform(script) as standin:
+        env = sync_env(standin, database_url)
+        args = ("sync", "--log-level", "DEBUG", "--log-format", "json")
+        partial = adsync(*args, env=env, cwd=tmp_path)
+        assert partial.returncode == 1, partial.stderr[-3000:]
+        # Then the listing itself is refused with the echo: the run fails with it.
+        script.list_answer = lambda _page, token: scope_error(token)
+        failed = adsync(*args, env=env, cwd=tmp_path)
+        assert failed.returncode == 1, failed.stderr[-3000:]
+        logs = partial.stdout + partial.stderr + failed.stdout + failed.stderr
+        tokens = list(standin.issued)
+    assert len(tokens) == 2
+    lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    assert any(line.get("event") == "campaign failed" for line in lines)
+    assert "lacks scope" in logs
+
+    (first, second) = runs(database_url)
+    assert first["status"] == "partial"
+    assert second["status"] == "failed"
+    assert "lacks scope" in second["error"]
+    stored = every_text_value(database_url)
+    assert any("lacks scope" in value for value in stored)
+
+    env = {"DATABASE_URL": database_url, "COLUMNS": "1000"}
+    shown = [
+        adsync("status", env=env, cwd=tmp_path),
+        adsync("status", "--json", env=env, cwd=tmp_path),
+        adsync("runs", "show", first["id"], env=env, cwd=tmp_path),
+        adsync("runs", "show", second["id"], "--json", env=env, cwd=tmp_path),
+    ]
+    for result in shown:
+        assert result.returncode == 0, result.stderr
+    printed = "".join(r.stdout + r.stderr for r in shown)
+    assert "lacks scope" in printed
+    for token in tokens:
+        assert token not in logs
+        assert [value for value in stored if token in value] == []
+        assert token not in printed
+
+
+def test_what_is_stored_is_redacted_and_bounded(store: SqlStore) -> None:
+    token = "tok-stored-5a4b3c2d1e"
+    REDACTOR.register_recent(token)
     now = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
     run = store.claim_run("acme", "host:1:a", now, 30.0)
     megabyte = "x" * 1_000_000
     store.write_failures(
-        run.id, "acme", [CampaignFailure("c1", f"token lacks scope {megabyte}", "sync")]
+        run.id, "acme", [CampaignFailure("c1", f"token {token} lacks scope {megabyte}", "sync")]
     )
     store.finish_run(
         run.id,
@@ -206,16 +275,16 @@ def test_what_is_stored_is_bounded(store: SqlStore) -> None:
         RunStatus.FAILED,
         RunCounters(),
         now,
-        f"HTTP 403: token lacks scope {megabyte}",
+        f"HTTP 403: token {token} lacks scope {megabyte}",
         resumable=True,
     )
     (failure,) = store.run_failures(run.id)
-    assert failure.reason.startswith("token lacks scope xxx")
+    assert failure.reason.startswith("token *** lacks scope xxx")
     assert len(failure.reason) < 2_100
     stored = store.get_run(run.id)
     assert stored is not None
     assert stored.error is not None
-    assert stored.error.startswith("HTTP 403: token lacks scope xxx")
+    assert stored.error.startswith("HTTP 403: token *** lacks scope xxx")
     assert len(stored.error) < 2_100
 
 

@@ -75,7 +75,12 @@ class Platform:
 
 
 def make_client(
-    platform: Platform, clock: FakeClock, *, password: str = PASSWORD, attempts: int = 4
+    platform: Platform,
+    clock: FakeClock,
+    *,
+    password: str = PASSWORD,
+    attempts: int = 4,
+    on_secret: Callable[[str], None] = lambda _secret: None,
 ) -> PlatformClient:
     http = httpx.AsyncClient(transport=httpx.MockTransport(platform), base_url="http://platform")
     auth = TokenProvider(
@@ -86,6 +91,7 @@ def make_client(
         margin=60,
         policy=RetryPolicy(max_attempts=3),
         rng=random.Random(0),
+        on_secret=on_secret,
     )
     return PlatformClient(
         http,
@@ -349,3 +355,58 @@ async def test_a_token_that_cannot_go_in_a_header_is_a_platform_error(token: str
     # Asking again would bring the same token: no retry, and nothing sent with it.
     assert platform.tokens == 1
     assert platform.api_calls == []
+
+
+async def test_every_token_and_the_basic_value_are_handed_to_the_redaction_callback() -> None:
+    clock = FakeClock()
+    platform = Platform(clock, lambda r: httpx.Response(200, json=page_body([])))
+    secrets: list[str] = []
+    client = make_client(platform, clock, on_secret=secrets.append)
+    basic = base64.b64encode(f"me@x.io:{PASSWORD}".encode()).decode()
+    # Known before anything is sent: the token exchange itself may be logged.
+    assert secrets == [basic]
+    await client.list_page(1, 10)
+    platform.valid.clear()  # refused: a second token
+    await client.list_page(1, 10)
+    assert secrets == [basic, "tok-1", "tok-2"]
+
+
+async def test_a_token_echoed_in_an_error_body_is_not_in_the_error() -> None:
+    clock = FakeClock()
+
+    def echo(request: httpx.Request) -> httpx.Response:
+        token = request.headers["authorization"].removeprefix("Bearer ")
+        return httpx.Response(
+            403, json={"error": "Forbidden", "message": f"token {token} lacks scope"}
+        )
+
+    platform = Platform(clock, echo)
+    platform.token_value = "tok-9a8b7c6d5e4f"
+    client = make_client(platform, clock)
+    with pytest.raises(PermanentError) as info:
+        await client.sync_campaign("c1")
+    assert str(info.value) == "HTTP 403: Forbidden - token *** lacks scope"
+
+
+async def test_a_client_built_for_an_account_teaches_the_process_redactor_its_secrets() -> None:
+    from adsync.config import load_settings
+    from adsync.observability import REDACTOR
+    from adsync.runner import build_client
+
+    clock = FakeClock()
+    platform = Platform(clock, lambda r: httpx.Response(200, json=page_body([])))
+    platform.token_value = "tok-taught-to-the-redactor-42"
+    settings = load_settings(
+        AD_PLATFORM_API_URL="http://platform",
+        AD_PLATFORM_EMAIL="me@x.io",
+        AD_PLATFORM_PASSWORD=PASSWORD,
+        AD_PLATFORM_SHARED_BUDGET=False,
+    )
+    http = httpx.AsyncClient(transport=httpx.MockTransport(platform), base_url="http://platform")
+    client = build_client(settings, http, clock)
+    basic = base64.b64encode(f"me@x.io:{PASSWORD}".encode()).decode()
+    assert REDACTOR.scrub(f"sent {basic}") == "sent ***"
+    await client.list_page(1, 10)
+    assert REDACTOR.scrub("token tok-taught-to-the-redactor-42 lacks scope") == (
+        "token *** lacks scope"
+    )
