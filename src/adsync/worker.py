@@ -710,7 +710,9 @@ async def _recover_task(context: procrastinate.JobContext, timestamp: int) -> di
 class Health:
     """What ``/healthz`` reports: is the event loop turning, is the database answering.
 
-    Written by :func:`watch_health` on the event loop, read by the HTTP thread.
+    Written on the event loop (:func:`watch_health`, the accounts check), read by the
+    HTTP thread. The loop and the database are watched apart, so a database that
+    hangs is reported as such, not as a silent loop.
     """
 
     max_silence: float
@@ -718,10 +720,22 @@ class Health:
     loop_at: float | None = None
     db_ok_at: float | None = None
     db_error: str | None = None
+    # When the database check now waiting for its answer was sent.
+    db_asked_at: float | None = None
     stopping: bool = False
+    # Enabled accounts this worker cannot serve, with why (their jobs go to other workers).
+    unservable: dict[str, str] = field(default_factory=dict)
+
+    def tick(self) -> None:
+        """The event loop is turning."""
+        self.loop_at = self.clock()
 
     def report(self) -> tuple[bool, dict[str, Any]]:
-        """(healthy, body): unhealthy when the loop or the database is silent too long."""
+        """(healthy, body): unhealthy when the loop or the database is silent too long.
+
+        Accounts this worker cannot serve are listed but leave it healthy: it still
+        serves the others, and restarting it would not bring their secrets.
+        """
         now = self.clock()
         loop_age = None if self.loop_at is None else now - self.loop_at
         db_age = None if self.db_ok_at is None else now - self.db_ok_at
@@ -731,13 +745,20 @@ class Health:
         elif loop_age > self.max_silence:
             problems.append(f"worker loop silent for {loop_age:.0f}s")
         if db_age is None or db_age > self.max_silence:
-            problems.append(f"database unreachable ({self.db_error or 'no answer yet'})")
+            if self.db_asked_at is not None and now - self.db_asked_at > self.max_silence:
+                why = f"no reply for {now - self.db_asked_at:.0f}s"
+            else:
+                why = self.db_error or "no answer yet"
+            problems.append(f"database not answering ({why})")
+        unservable = dict(self.unservable)
+        status = "unhealthy" if problems else "degraded" if unservable else "ok"
         body: dict[str, Any] = {
-            "status": "ok" if not problems else "unhealthy",
+            "status": status,
             "problems": problems,
             "loop_age_seconds": None if loop_age is None else round(loop_age, 3),
             "database_age_seconds": None if db_age is None else round(db_age, 3),
             "stopping": self.stopping,
+            "unservable_accounts": unservable,
         }
         return not problems, body
 
@@ -745,20 +766,51 @@ class Health:
 async def watch_health(
     app: procrastinate.App, health: Health, metrics: WorkerMetrics, every: float
 ) -> None:
-    """Tick the loop timestamp and check the database every ``every`` seconds, forever."""
-    while True:
-        health.loop_at = health.clock()
-        metrics.loop_time.set(time.time())
-        try:
-            ok = await asyncio.wait_for(app.check_connection_async(), timeout=max(1.0, every))
-        except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"; keep watching
-            ok, health.db_error = False, type(exc).__name__
-        else:
-            health.db_error = None if ok else "procrastinate tables missing"
-        if ok:
-            health.db_ok_at = health.clock()
-        metrics.database_up.set(1 if ok else 0)
-        await asyncio.sleep(every)
+    """Tick the loop timestamp and check the database every ``every`` seconds, forever.
+
+    Two tasks: a database check that hangs (a stopped proxy, a server that accepts
+    and never answers) must not stop the loop's ticks, or ``/healthz`` would blame
+    the loop for the database's silence.
+    """
+
+    async def ticks() -> None:
+        while True:
+            health.tick()
+            metrics.loop_time.set(time.time())
+            await asyncio.sleep(every)
+
+    ticking = asyncio.create_task(ticks(), name="health-ticks")
+    # Generous: a slow answer is still an answer. Past it, a check on a connection
+    # that died silently is given up for a new one.
+    patience = max(30.0, 3 * every)
+    try:
+        while True:
+            if health.db_asked_at is None:
+                health.db_asked_at = health.clock()
+            try:
+                async with asyncio.timeout(patience):
+                    ok = await app.check_connection_async()
+            except TimeoutError:
+                # Still no reply: db_asked_at keeps the time of the first question.
+                ok, health.db_error = False, "no reply"
+            except Exception as exc:  # noqa: BLE001 - any failure means "not answering"; keep watching
+                ok, health.db_error, health.db_asked_at = False, _db_error_name(exc), None
+            else:
+                health.db_error = None if ok else "procrastinate tables missing"
+                health.db_asked_at = None
+            if ok:
+                health.db_ok_at = health.clock()
+            metrics.database_up.set(1 if ok else 0)
+            await asyncio.sleep(every)
+    finally:
+        ticking.cancel()
+        await asyncio.gather(ticking, return_exceptions=True)
+
+
+def _db_error_name(exc: BaseException) -> str:
+    """The name of what failed: the driver's error under Procrastinate's wrapper."""
+    cause = exc.__cause__ if isinstance(exc, pexc.ConnectorException) else None
+    return type(cause or exc).__name__
 
 
 class HealthServer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 from dataclasses import replace
@@ -225,6 +226,7 @@ def test_health_needs_a_turning_loop_and_an_answering_database() -> None:
             "loop_age_seconds": 0.0,
             "database_age_seconds": 0.0,
             "stopping": False,
+            "unservable_accounts": {},
         },
     )
 
@@ -233,12 +235,47 @@ def test_health_needs_a_turning_loop_and_an_answering_database() -> None:
     health.db_error = "ConnectorException"
     ok, body = health.report()
     assert not ok
-    assert body["problems"] == ["database unreachable (ConnectorException)"]
+    assert body["problems"] == ["database not answering (ConnectorException)"]
 
     health.db_ok_at = clock.now
     clock.now += 6  # now the loop is stuck too
     ok, body = health.report()
     assert body["problems"][0] == "worker loop silent for 6s"
+
+
+class _HangingDatabase:
+    """An app whose database check is sent and never answered (a stopped proxy)."""
+
+    def __init__(self) -> None:
+        self.checks = 0
+        self._never = asyncio.Event()
+
+    async def check_connection_async(self) -> bool:
+        self.checks += 1
+        await self._never.wait()
+        return True
+
+
+async def test_a_hanging_database_is_blamed_not_the_event_loop() -> None:
+    clock = _Clock()
+    health = Health(max_silence=5.0, clock=clock)
+    db = _HangingDatabase()
+    app = cast(procrastinate.App, db)
+    watcher = asyncio.create_task(
+        worker.watch_health(app, health, WorkerMetrics(Metrics().registry), every=0.001)
+    )
+    try:
+        await asyncio.sleep(0.01)
+        assert db.checks == 1
+        clock.now += 20  # twenty seconds without an answer; the loop keeps turning
+        await asyncio.sleep(0.01)
+        ok, body = health.report()
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+    assert not ok
+    assert body["problems"] == ["database not answering (no reply for 20s)"]
+    assert body["loop_age_seconds"] < 1
 
 
 async def test_the_jobs_of_a_worker_share_one_writer_rate_log_and_margin(
