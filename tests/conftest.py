@@ -3,6 +3,9 @@
 PostgreSQL comes from ``ADSYNC_TEST_POSTGRES_URL`` (default: the local server with
 trust auth). When it is unreachable the postgres tests skip, except in CI
 (``CI=true``), where they fail: CI must exercise both backends.
+
+Tests that restart or stop PostgreSQL get a cluster of their own (``pg_cluster``,
+see ``pgcluster.py``), never the shared server; they are marked ``slow``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import pytest
 from psycopg import sql
 
 from adsync.store import SqlStore, metadata
+from pgcluster import ClusterUnavailable, PgCluster, throwaway_cluster
 
 ADMIN_URL = os.environ.get(
     "ADSYNC_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -72,6 +76,16 @@ def postgres_server() -> None:
 @pytest.fixture(scope="session")
 def postgres_url(postgres_server: None) -> Iterator[str]:
     """A throwaway database for the whole session, dropped at the end."""
+    url = create_postgres_database()
+    try:
+        yield url
+    finally:
+        drop_postgres_database(url)
+
+
+@pytest.fixture
+def pg_url(postgres_server: None) -> Iterator[str]:
+    """A PostgreSQL database of this test's own (Procrastinate's queue starts empty)."""
     url = create_postgres_database()
     try:
         yield url
@@ -139,3 +153,18 @@ def store(database_url: str) -> Iterator[SqlStore]:
         yield sql_store
     finally:
         sql_store.dispose()
+
+
+@pytest.fixture
+def pg_cluster() -> Iterator[PgCluster]:
+    """A PostgreSQL cluster of this test's own, to restart or stop; removed afterwards.
+
+    Skips (fails in CI) when the PostgreSQL server binaries are not installed.
+    """
+    try:
+        with throwaway_cluster() as cluster:
+            yield cluster
+    except ClusterUnavailable as exc:
+        if _in_ci():
+            pytest.fail(f"{exc}; CI must run the PostgreSQL restart tests")
+        pytest.skip(str(exc))

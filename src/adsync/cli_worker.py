@@ -84,14 +84,16 @@ def worker(  # noqa: PLR0917 - a typer command takes one parameter per option
     queues the schedule (every ADSYNC_SCHEDULE_MINUTES, default 60, 0 = off)
     and puts back the jobs of workers that died (silent for
     ADSYNC_STALLED_AFTER_SECONDS, default 60); their runs resume from the
-    checkpoint. /healthz answers 503 when the worker loop or the database
+    checkpoint. A database restart or outage is waited out (running syncs
+    carry on); /healthz answers 503 meanwhile, and when the worker loop
     stops answering.
 
     SIGTERM/SIGINT: no new jobs; running syncs make no new calls, their
     in-flight calls finish (up to ADSYNC_WORKER_GRACE_SECONDS), the runs are
     left resumable and queued again for another worker. A second signal
     aborts them at once (still resumable). Exit codes: 0 stopped by a
-    signal, 1 the worker failed (database lost), 2 bad configuration.
+    signal, 1 the database unreachable at start (or a worker fault), 2 bad
+    configuration.
     """
     with errors(verbose):
         url = database_url()
@@ -123,6 +125,8 @@ def worker(  # noqa: PLR0917 - a typer command takes one parameter per option
                 stalled_after=settings.stalled_after_seconds,
                 metrics=metrics,
                 worker_metrics=WorkerMetrics(metrics.registry),
+                poll_seconds=settings.poll_seconds,
+                db_patience=settings.db_patience_seconds,
             )
             if server is not None:
                 err.print(f"health and metrics on http://{health_addr}:{server.port}/healthz")

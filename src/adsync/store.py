@@ -1077,6 +1077,25 @@ class SqlStore:
             "recent_runs", lambda conn: [_record(r) for r in conn.execute(stmt)]
         )
 
+    def live_run(self, client_id: str) -> RunRecord | None:
+        """The client's ``running`` run while its lease holds, else None.
+
+        The lease is read against the database's clock on PostgreSQL (the host's on
+        SQLite), as for every process looking at the same row.
+        """
+        now = self._now() if self._sqlite else sa.func.now()
+        stmt = sa.select(sync_runs).where(
+            sync_runs.c.client_id == client_id,
+            sync_runs.c.status == RunStatus.RUNNING.value,
+            sync_runs.c.lease_until >= now,
+        )
+
+        def read(conn: Connection) -> RunRecord | None:
+            row = conn.execute(stmt).first()
+            return None if row is None else _record(row)
+
+        return self._transaction("live_run", read)
+
     def run_failures(self, run_id: str) -> list[CampaignFailure]:
         """The run's failed campaigns with kind and reason, oldest first."""
         stmt = (

@@ -11,7 +11,8 @@ Three tasks live on the PostgreSQL adsync already uses:
     Defers one sync job per enabled account every ``ADSYNC_SCHEDULE_MINUTES``.
 ``adsync.recover_stalled`` (queue ``adsync-maintenance``, periodic)
     Puts the jobs of dead workers (no heartbeat for ``ADSYNC_STALLED_AFTER_SECONDS``)
-    back in the queue: Procrastinate never retries them by itself.
+    back in the queue: Procrastinate never retries them by itself. A job whose run
+    still renews its lease is not dead, only paused or cut off: it is left alone.
 
 Why the sync task has no Procrastinate retry strategy: a retry moves the job from
 ``doing`` back to ``todo``; when a job of the same account was queued meanwhile (the
@@ -26,6 +27,16 @@ The recovery task has a queueing lock but no lock: a recovery job whose own work
 died would otherwise hold that lock and block every later recovery (#1408). And
 each worker process runs a second Procrastinate worker on the maintenance queue,
 so neither the schedule nor the recovery ever waits behind hours of syncs.
+
+A job may run more than once: recovery cannot tell a dead worker from one that was
+paused or cut off, and a job's end may not be recorded when the database is away.
+So a job is idempotent: it knows its run (the run's lease owner carries the job id,
+a follow-up job carries the run id), and a run that already ended well is not
+started again; a run held by another live process is waited for; and a worker
+records a job's end only while the job is still its own.
+
+Database restarts and outages are waited out, not fatal: see
+:class:`OutageTolerantJobManager` and :class:`PatientStore`.
 """
 
 from __future__ import annotations
@@ -38,7 +49,8 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -48,7 +60,8 @@ import procrastinate
 import psycopg
 import structlog
 from procrastinate import exceptions as pexc
-from procrastinate.jobs import Status
+from procrastinate.jobs import Job, Status
+from procrastinate.manager import JobManager
 from procrastinate.schema import SchemaManager
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -70,14 +83,16 @@ from adsync.errors import (
     JobFailed,
     PermanentError,
     PlatformError,
+    RunLocked,
     StoreError,
+    StoreUnavailable,
 )
 from adsync.metrics import NAMESPACE, Metrics, check_port, listen_error
 from adsync.models import RunStatus
 from adsync.observability import REDACTOR
 from adsync.ratelimit import Margin, SendLogBatcher
 from adsync.runner import sync_account
-from adsync.store import SqlStore
+from adsync.store import SqlStore, local_owner_is_dead, make_owner
 from adsync.sync import RunWriter, SyncOutcome
 
 __all__ = [
@@ -147,6 +162,11 @@ class WorkerSettings(BaseSettings):
     )
     retry_max_seconds: float = Field(
         default=900.0, validation_alias="ADSYNC_RETRY_MAX_SECONDS", ge=0, le=MAX_SECONDS
+    )
+    # How long a sync's writes wait for a database that does not answer before its
+    # attempt fails (it is then resumed): campaigns synced meanwhile are not lost.
+    db_patience_seconds: float = Field(
+        default=300.0, validation_alias="ADSYNC_WORKER_DB_PATIENCE_SECONDS", ge=0, le=MAX_SECONDS
     )
 
     @model_validator(mode="after")
@@ -260,6 +280,9 @@ class Decision:
     reason: str
     delay: float = 0.0
     next_attempt: int | None = None
+    # The run the next attempt is about, when one was reached: the next attempt ends
+    # as done if that run has ended well meanwhile, instead of starting another.
+    run_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,9 +422,18 @@ def build_app(conninfo: str, settings: WorkerSettings, *, pool_size: int = 10) -
 
 
 async def defer_sync(
-    app: procrastinate.App, client_id: str, *, attempt: int = 1, delay: float = 0.0
+    app: procrastinate.App,
+    client_id: str,
+    *,
+    attempt: int = 1,
+    delay: float = 0.0,
+    run_id: str | None = None,
 ) -> int | None:
-    """Queue a sync of ``client_id``; its job id, or None when one is already waiting."""
+    """Queue a sync of ``client_id``; its job id, or None when one is already waiting.
+
+    ``run_id`` makes the job a further attempt at that run: it ends as done if the
+    run has ended well by then, instead of starting a new one.
+    """
     key = account_lock(client_id)
     deferrer = app.configure_task(
         SYNC_TASK,
@@ -409,12 +441,16 @@ async def defer_sync(
         queueing_lock=key,
         schedule_in={"seconds": delay} if delay > 0 else None,
     )
+    kwargs: dict[str, Any] = {"client_id": client_id, "attempt": attempt}
+    if run_id is not None:
+        kwargs["run_id"] = run_id
     try:
-        job_id: int = await deferrer.defer_async(client_id=client_id, attempt=attempt)
+        job_id: int = await deferrer.defer_async(**kwargs)
     except pexc.AlreadyEnqueued:
         return None
     except pexc.ConnectorException as exc:
-        raise StoreError(f"cannot queue a sync of {client_id!r}: {exc}") from exc
+        error = StoreUnavailable if lost_connection(exc) else StoreError
+        raise error(f"cannot queue a sync of {client_id!r}: {_db_error_name(exc)}") from exc
     return job_id
 
 
@@ -443,10 +479,20 @@ class Recovery:
     retried: list[int] = field(default_factory=list)
     closed: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
+    # Their worker is silent but their run still renews its lease: alive, only paused
+    # or cut off for a while. Left alone until the lease runs out.
+    alive: list[int] = field(default_factory=list)
 
 
-async def recover_stalled(app: procrastinate.App, *, stalled_after: float) -> Recovery:
+async def recover_stalled(
+    app: procrastinate.App, *, stalled_after: float, store: SqlStore | None = None
+) -> Recovery:
     """Put back in the queue the jobs of workers silent for ``stalled_after`` seconds.
+
+    With ``store``, a sync job whose account's run still holds its lease is left
+    alone: a worker that is paused, or cut off from the job queue for a while, looks
+    dead to Procrastinate but still runs the job, and a second attempt could only
+    wait for it. Its lease (renewed by the run itself) says whether it is alive.
 
     A stalled job whose account already has a job waiting cannot go back to
     ``todo`` (the queueing lock's unique index, procrastinate #1446); it is closed
@@ -457,6 +503,9 @@ async def recover_stalled(app: procrastinate.App, *, stalled_after: float) -> Re
     jobs = await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=stalled_after)
     for job in jobs:
         assert job.id is not None  # noqa: S101 - jobs read from the database have ids
+        if store is not None and await _run_is_alive(store, job):
+            result.alive.append(job.id)
+            continue
         try:
             await app.job_manager.retry_job(job)
         except pexc.UniqueViolation:
@@ -473,7 +522,20 @@ async def recover_stalled(app: procrastinate.App, *, stalled_after: float) -> Re
             retried=result.retried,
             closed=result.closed,
         )
+    if result.alive:
+        log.info(
+            "jobs of silent workers left alone: their runs still renew their leases",
+            jobs=result.alive,
+        )
     return result
+
+
+async def _run_is_alive(store: SqlStore, job: Job) -> bool:
+    client_id = job.task_kwargs.get("client_id")
+    if job.task_name != SYNC_TASK or not isinstance(client_id, str):
+        return False
+    run = await asyncio.to_thread(store.live_run, client_id)
+    return run is not None and not local_owner_is_dead(run.owner)
 
 
 # --- the worker's side: runtime, tasks ----------------------------------------------
@@ -511,6 +573,48 @@ class WorkerMetrics:
         )
 
 
+_PATIENT_WAIT: Final = 0.5
+_PATIENT_WAIT_MAX: Final = 10.0
+
+
+def retries_within(patience: float, *, wait: float, wait_max: float) -> int:
+    """Attempts that a backoff from ``wait`` seconds, doubling up to ``wait_max``, spreads
+    over at least ``patience`` seconds (the store's retry schedule)."""
+    attempts, waited, step = 1, 0.0, wait
+    while waited < patience:
+        waited += min(step, wait_max)
+        step *= 2
+        attempts += 1
+    return attempts
+
+
+class PatientStore(SqlStore):
+    """The store of a worker's runs: waits out a database outage of minutes.
+
+    A run's writes, checkpoints and its end wait for the database to come back
+    (restart, failover) instead of failing the run: the campaigns it synced
+    meanwhile are written then, where a failed run would leave them to be synced a
+    second time. The lease's heartbeat alone keeps ``prompt``'s short retries: a run
+    that cannot renew its lease must learn it in time to stop its calls.
+    """
+
+    def __init__(
+        self, prompt: SqlStore, *, patience: float, sleep: Callable[[float], None]
+    ) -> None:
+        super().__init__(
+            prompt.engine,
+            retry_attempts=retries_within(patience, wait=_PATIENT_WAIT, wait_max=_PATIENT_WAIT_MAX),
+            retry_wait=_PATIENT_WAIT,
+            retry_wait_max=_PATIENT_WAIT_MAX,
+            sleep=sleep,
+        )
+        self._prompt = prompt
+
+    def heartbeat(self, *args: Any, **kwargs: Any) -> bool:
+        """The lease's heartbeat, with the prompt store's short retries."""
+        return self._prompt.heartbeat(*args, **kwargs)
+
+
 @dataclass
 class WorkerRuntime:
     """What the tasks of one worker process share: store, metrics, stop signals."""
@@ -529,18 +633,40 @@ class WorkerRuntime:
     # What one job learns about arrival jitter protects the others (made by the
     # first job, from its account's configured margin).
     margin: Margin | None = None
+    # How often a job whose run another process holds looks whether it has ended.
+    poll_seconds: float = 5.0
+    # Seconds the runs' writes wait for a database that does not answer (0: the
+    # store's own retries only).
+    db_patience: float = 0.0
+    # The store the runs use: ``store``, or one that waits out outages (db_patience).
+    runs_store: SqlStore = field(init=False)
     writer: RunWriter = field(init=False)
     send_log: SendLogBatcher = field(init=False)
     # Each running sync has its own stop event: a run that loses its lease sets its
     # own, which must not stop the other accounts' runs.
     _running: dict[asyncio.Task[Any], asyncio.Event] = field(default_factory=dict)
+    # Set when the worker goes away: calls still waiting for the database give up.
+    _waits_over: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        self.writer = RunWriter(self.store)
+        self.runs_store = self.store
+        if self.db_patience > 0:
+            self.runs_store = PatientStore(
+                self.store,
+                patience=self.db_patience,
+                sleep=self._wait_for_database,
+            )
+        self.writer = RunWriter(self.runs_store)
+        # Not patient: a shared rate log that does not answer is replaced at once by
+        # this process's own pacing.
         self.send_log = SendLogBatcher(self.store.send_log())
 
+    def _wait_for_database(self, seconds: float) -> None:
+        self._waits_over.wait(seconds)
+
     async def aclose(self) -> None:
-        """Stop the rate log's thread (after the last job)."""
+        """Stop the rate log's thread (after the last job); waits for the database end."""
+        self._waits_over.set()
         await self.send_log.aclose()
 
     def stop_gracefully(self) -> None:
@@ -584,10 +710,31 @@ def account_settings(accounts_file: Path, client_id: str) -> Settings:
     return settings
 
 
+def job_owner(job_id: int | None) -> str | None:
+    """The lease owner of a job's runs: this process, tagged with the job's id.
+
+    The tag lets a job run again (recovery queued it while its first worker was
+    silent) find the run it already did.
+    """
+    return None if job_id is None else f"{make_owner()}/job{job_id}"
+
+
+def _run_of_job(store: SqlStore, client_id: str, job_id: int) -> str | None:
+    tag = f"/job{job_id}"
+    return next(
+        (r.id for r in store.recent_runs(client_id, limit=5) if r.owner.endswith(tag)), None
+    )
+
+
 async def _sync_task(
-    context: procrastinate.JobContext, client_id: str, attempt: int = 1
+    context: procrastinate.JobContext,
+    client_id: str,
+    attempt: int = 1,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
-    return await run_sync_job(context.app, _runtime(context), client_id, attempt, context.job.id)
+    return await run_sync_job(
+        context.app, _runtime(context), client_id, attempt, context.job.id, run_id=run_id
+    )
 
 
 async def run_sync_job(
@@ -596,31 +743,25 @@ async def run_sync_job(
     client_id: str,
     attempt: int,
     job_id: int | None = None,
+    *,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """One attempt at an account's sync, and what follows it (see :func:`decide`).
 
+    Before syncing: a run this job (or the one before it, ``run_id``) already
+    brought to an end is not started again. A run held by another live process is
+    waited for, and the job ends done when that run ends well.
+
     Returns a summary when the account is done; raises :class:`JobFailed` (job
     ``failed``) or Procrastinate's ``JobAborted`` (job ``aborted``, when the worker
-    stops) otherwise, after queueing the follow-up job if there is one.
+    stops) otherwise, after queueing the follow-up job if
+    there is one.
     """
     bound: FilteringBoundLogger = log.bind(client_id=client_id, job_id=job_id, attempt=attempt)
-    outcome: SyncOutcome | None = None
-    error: BaseException | None = None
     with runtime.job_stop() as stop:
+        attempt_ = _Attempt(runtime, client_id, attempt, job_id, run_id, stop, bound)
         try:
-            settings = account_settings(runtime.accounts_file, client_id)
-            if runtime.margin is None:
-                runtime.margin = Margin(settings.rate_margin)
-            outcome = await sync_account(
-                settings,
-                runtime.store,
-                stop=stop,
-                metrics=runtime.metrics,
-                send_log=runtime.send_log,
-                margin=runtime.margin,
-                writer=runtime.writer,
-                accounts=runtime.concurrency,
-            )
+            decision = await attempt_.decide()
         except asyncio.CancelledError:
             # Aborted: a second signal, or the grace period ran out. The run is
             # already recorded interrupted; when the worker is going away, someone
@@ -628,35 +769,179 @@ async def run_sync_job(
             if runtime.stopping.is_set():
                 runtime.worker_metrics.jobs.labels(Action.CONTINUE.value).inc()
                 try:
-                    await asyncio.shield(defer_sync(app, client_id, attempt=attempt))
+                    await asyncio.shield(
+                        defer_sync(app, client_id, attempt=attempt, run_id=attempt_.run_id)
+                    )
                 except Exception as exc:  # noqa: BLE001 - best effort while going down
                     # The run stays resumable; the next schedule tick picks it up.
                     bound.warning("could not queue the run for another worker", error=str(exc))
             raise
+    runtime.worker_metrics.jobs.labels(decision.action.value).inc()
+    return await _follow_up(
+        app, runtime, client_id, decision, outcome=attempt_.outcome, bound=bound
+    )
+
+
+class _Attempt:
+    """One job's attempt at an account: the checks before the run, the run, the waits."""
+
+    def __init__(  # noqa: PLR0917 - private, built in one place
+        self,
+        runtime: WorkerRuntime,
+        client_id: str,
+        attempt: int,
+        job_id: int | None,
+        run_id: str | None,
+        stop: asyncio.Event,
+        bound: FilteringBoundLogger,
+    ) -> None:
+        self.runtime = runtime
+        self.client_id = client_id
+        self.attempt = attempt
+        self.job_id = job_id
+        # The run this job is about, once known (given, found, claimed or waited for).
+        self.run_id = run_id
+        self.stop = stop
+        self.log = bound
+        self.outcome: SyncOutcome | None = None
+
+    async def decide(self) -> Decision:
+        """Sync (or wait); what follows."""
+        settings = self._settings()
+        if isinstance(settings, Decision):
+            return settings
+        rt = self.runtime
+        if rt.margin is None:
+            rt.margin = Margin(settings.rate_margin)
+        error: BaseException | None = None
+        try:
+            ended = await self._ended_already()
+            if ended is not None:
+                return ended
+            while True:
+                try:
+                    self.outcome = await sync_account(
+                        settings,
+                        rt.runs_store,
+                        stop=self.stop,
+                        metrics=rt.metrics,
+                        owner=job_owner(self.job_id),
+                        send_log=rt.send_log,
+                        margin=rt.margin,
+                        writer=rt.writer,
+                        accounts=rt.concurrency,
+                    )
+                except RunLocked:
+                    # Another live process holds the account's run: neither a failure
+                    # nor an attempt; wait for it.
+                    waited = await self._wait_for_held_run()
+                    if waited is None:
+                        continue
+                    return waited
+                self.run_id = self.outcome.run_id
+                break
         except Exception as exc:  # noqa: BLE001 - every failure is classified by decide()
             error = exc
-    decision = decide(
-        attempt,
-        runtime.policy,
-        runtime.rng,
-        outcome=outcome,
-        error=error,
-        stopping=runtime.stopping.is_set(),
-    )
-    runtime.worker_metrics.jobs.labels(decision.action.value).inc()
-    return await _follow_up(app, client_id, decision, outcome, bound)
+        decision = decide(
+            self.attempt,
+            rt.policy,
+            rt.rng,
+            outcome=self.outcome,
+            error=error,
+            stopping=rt.stopping.is_set(),
+        )
+        return replace(decision, run_id=self.run_id)
+
+    def _settings(self) -> Settings | Decision:
+        rt = self.runtime
+        try:
+            return account_settings(rt.accounts_file, self.client_id)
+        except ConfigError as exc:
+            return decide(self.attempt, rt.policy, rt.rng, error=exc)
+
+    async def _ended_already(self) -> Decision | None:
+        store = self.runtime.store
+        if self.run_id is None and self.job_id is not None:
+            self.run_id = await asyncio.to_thread(_run_of_job, store, self.client_id, self.job_id)
+        if self.run_id is None:
+            return None
+        run = await asyncio.to_thread(store.get_run, self.run_id)
+        if run is None or run.status not in (RunStatus.SUCCEEDED, RunStatus.PARTIAL):
+            return None  # still to do: the run is resumed
+        self.log.info("sync job done: its run already ended", run_id=run.id, status=run.status)
+        return Decision(
+            Action.DONE, f"run {run.id} already ended {run.status.value}", run_id=run.id
+        )
+
+    async def _wait_for_held_run(self) -> Decision | None:
+        """Wait while another live process holds the run; None when it is free to claim.
+
+        Ends the job as done when the run it waited for ended well; hands the job
+        over (same attempt) when this worker stops meanwhile.
+        """
+        store = self.runtime.store
+        held_id: str | None = None
+        while True:
+            held = await asyncio.to_thread(store.live_run, self.client_id)
+            if held is None or local_owner_is_dead(held.owner):
+                if held_id is None:
+                    # Released between the claim and this look: claim again shortly.
+                    return await self._pause() or None
+                ended = await asyncio.to_thread(store.get_run, held_id)
+                self.run_id = held_id
+                if ended is not None and ended.status in (RunStatus.SUCCEEDED, RunStatus.PARTIAL):
+                    self.log.info(
+                        "sync job done: the run it waited for was finished by another process",
+                        run_id=held_id,
+                        status=ended.status,
+                    )
+                    return Decision(
+                        Action.DONE,
+                        f"run {held_id} was finished by another process ({ended.status.value})",
+                        run_id=held_id,
+                    )
+                return None  # left resumable, or its lease ran out: resume it
+            if held.id != held_id:
+                held_id = held.id
+                self.log.info(
+                    "the account's run is held by another live process; waiting for it",
+                    run_id=held.id,
+                    owner=held.owner,
+                )
+            stopped = await self._pause()
+            if stopped is not None:
+                return replace(stopped, run_id=held_id)
+
+    async def _pause(self) -> Decision | None:
+        """Sleep one poll interval; a hand-over decision if this worker stops meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.runtime.poll_seconds):
+                await self.stop.wait()
+        if not self.stop.is_set():
+            return None
+        return Decision(
+            Action.CONTINUE,
+            "worker stopping while another process held the run",
+            0.0,
+            self.attempt,
+            self.run_id,
+        )
 
 
 async def _follow_up(
     app: procrastinate.App,
+    runtime: WorkerRuntime,
     client_id: str,
     decision: Decision,
+    *,
     outcome: SyncOutcome | None,
     bound: FilteringBoundLogger,
 ) -> dict[str, Any]:
     reason = REDACTOR.scrub(decision.reason)
     if decision.action is Action.DONE:
         summary: dict[str, Any] = {"client_id": client_id, "decision": reason}
+        if decision.run_id is not None:
+            summary["run_id"] = decision.run_id
         if outcome is not None:
             c = outcome.counters
             summary |= {
@@ -674,7 +959,7 @@ async def _follow_up(
         bound.error("sync job failed", reason=reason)
         raise JobFailed(f"{client_id}: {reason}")
     assert decision.next_attempt is not None  # noqa: S101 - set for RETRY and CONTINUE
-    next_id = await defer_sync(app, client_id, attempt=decision.next_attempt, delay=decision.delay)
+    next_id = await _defer_patiently(app, runtime, client_id, decision)
     then = (
         f"job {next_id} (attempt {decision.next_attempt}) in {decision.delay:.0f}s"
         if next_id is not None
@@ -687,6 +972,31 @@ async def _follow_up(
     raise JobFailed(f"{client_id}: {reason}; resumed by {then}")
 
 
+async def _defer_patiently(
+    app: procrastinate.App, runtime: WorkerRuntime, client_id: str, decision: Decision
+) -> int | None:
+    """Queue the follow-up job, waiting for the database if it does not answer.
+
+    Without the follow-up the run would wait for the next schedule tick.
+    """
+    manager = app.job_manager
+    failures = 0
+    while True:
+        try:
+            return await defer_sync(
+                app,
+                client_id,
+                attempt=decision.next_attempt or 1,
+                delay=decision.delay,
+                run_id=decision.run_id,
+            )
+        except StoreUnavailable:
+            failures += 1
+            if not (isinstance(manager, OutageTolerantJobManager) and manager.keep_trying()):
+                raise
+            await asyncio.sleep(RECONNECT_BACKOFF.delay(failures, runtime.rng))
+
+
 async def _schedule_task(context: procrastinate.JobContext, timestamp: int) -> dict[str, Any]:
     runtime = _runtime(context)
     accounts = select(load_accounts(runtime.accounts_file), [])
@@ -697,10 +1007,17 @@ async def _schedule_task(context: procrastinate.JobContext, timestamp: int) -> d
 
 async def _recover_task(context: procrastinate.JobContext, timestamp: int) -> dict[str, Any]:
     runtime = _runtime(context)
-    result = await recover_stalled(context.app, stalled_after=runtime.stalled_after)
+    result = await recover_stalled(
+        context.app, stalled_after=runtime.stalled_after, store=runtime.store
+    )
     runtime.worker_metrics.recovered.labels("retried").inc(len(result.retried))
     runtime.worker_metrics.recovered.labels("closed").inc(len(result.closed))
-    return {"retried": result.retried, "closed": result.closed, "skipped": result.skipped}
+    return {
+        "retried": result.retried,
+        "closed": result.closed,
+        "skipped": result.skipped,
+        "alive": result.alive,
+    }
 
 
 # --- health ---------------------------------------------------------------------------
@@ -873,6 +1190,224 @@ def _handler(registry: CollectorRegistry, health: Health) -> type[BaseHTTPReques
     return Handler
 
 
+# --- outliving the database -----------------------------------------------------------
+
+# Reconnecting after an outage: half to all of 0.5 s doubling, at most 30 s apart.
+RECONNECT_BACKOFF: Final = JobRetryPolicy(initial=0.5, maximum=30.0)
+# A connection that held this long was healthy: the next failure starts the backoff over.
+_HEALTHY_FOR: Final = 60.0
+
+# Touch this worker's row, or write it again when another worker pruned it while we
+# could not send heartbeats (a long outage, a paused process): without the row, every
+# job we fetch would break its foreign key, and our running jobs would look orphaned.
+_HEARTBEAT_SQL: Final = """
+INSERT INTO procrastinate_workers (id, last_heartbeat) OVERRIDING SYSTEM VALUE
+VALUES (%(worker_id)s, now())
+ON CONFLICT (id) DO UPDATE SET last_heartbeat = now()
+RETURNING (xmax = 0) AS registered_again
+"""
+
+# Procrastinate's own end of a job, only while the job is still ours: ``doing``, and
+# fetched by this worker (or orphaned by a pruned worker row). Recovery may have
+# queued it again while we were silent, and another worker may be running it now;
+# ending it here would end their attempt.
+_FINISH_IF_OURS_SQL: Final = """
+SELECT procrastinate_finish_job_v1(j.id, %(status)s, %(delete_job)s) AS finished
+FROM (
+    SELECT id FROM procrastinate_jobs
+    WHERE id = %(job_id)s AND status = 'doing'
+      AND (worker_id = %(worker_id)s OR worker_id IS NULL)
+    FOR UPDATE
+) AS j
+"""
+
+
+def lost_connection(exc: BaseException) -> bool:
+    """Whether a job-queue error means the database is not answering (worth waiting out)."""
+    cause = exc.__cause__ if isinstance(exc, pexc.ConnectorException) else exc
+    return isinstance(cause, psycopg.OperationalError)
+
+
+class OutageTolerantJobManager(JobManager):
+    """Procrastinate's job manager, for a worker that must outlive database outages.
+
+    Procrastinate's worker stops itself as soon as one of its side tasks (the
+    LISTEN connection, the heartbeat, the periodic deferrer) or a fetch meets a
+    database error, and its running jobs are then waited for and aborted. Here those
+    calls wait the outage out instead: the listener reconnects with backoff, a missed
+    heartbeat or periodic tick is logged and tried again next time, a failed fetch
+    finds no job until the database answers. A job's end is recorded once the
+    database is back, and only while the job is still this worker's.
+    """
+
+    def __init__(
+        self,
+        connector: Any,
+        *,
+        stopping: asyncio.Event,
+        grace_seconds: float,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(connector)
+        self._stopping = stopping
+        self._grace = grace_seconds
+        self._stop_seen: float | None = None
+        self._rng = rng or random.Random()
+        self._down: set[str] = set()
+
+    def keep_trying(self) -> bool:
+        """Whether to wait for the database again: always, until a stop's grace runs out."""
+        if not self._stopping.is_set():
+            return True
+        if self._stop_seen is None:
+            self._stop_seen = time.monotonic()
+        return time.monotonic() - self._stop_seen < self._grace
+
+    def _failed(self, what: str, exc: BaseException, **extra: Any) -> None:
+        # One line when an operation starts failing, one when it works again.
+        if what in self._down:
+            log.debug(f"{what}: database not answering", error=_db_error_name(exc), **extra)
+            return
+        self._down.add(what)
+        log.warning(
+            f"{what}: database not answering; waiting for it", error=_db_error_name(exc), **extra
+        )
+
+    def _answered(self, what: str) -> None:
+        if what in self._down:
+            self._down.discard(what)
+            log.info(f"{what}: database answering again")
+
+    async def listen_for_jobs(self, *, on_notification: Any, queues: Any = None) -> None:
+        """Listen for new jobs for ever, reconnecting with backoff when the connection drops."""
+        failures = 0
+        while True:
+            started = time.monotonic()
+            try:
+                await super().listen_for_jobs(on_notification=on_notification, queues=queues)
+            except pexc.ConnectorException as exc:
+                error: BaseException = exc
+            else:
+                error = StoreError("listener connection ended")
+            if time.monotonic() - started > _HEALTHY_FOR:
+                failures = 0
+                self._answered("job queue listener")
+            failures += 1
+            self._failed("job queue listener", error, attempt=failures)
+            # Polling (ADSYNC_WORKER_POLL_SECONDS) finds new jobs meanwhile.
+            await asyncio.sleep(RECONNECT_BACKOFF.delay(failures, self._rng))
+
+    async def update_heartbeat(self, worker_id: int) -> None:
+        """Beat, registering this worker again if its row was pruned; a miss waits for the next."""
+        try:
+            row = await self.connector.execute_query_one_async(
+                query=_HEARTBEAT_SQL, worker_id=worker_id
+            )
+        except pexc.ConnectorException as exc:
+            if not lost_connection(exc):
+                raise
+            self._failed("worker heartbeat", exc)
+            return
+        self._answered("worker heartbeat")
+        if row["registered_again"]:
+            log.warning(
+                "this worker had been taken for dead (no heartbeat for a while) and "
+                "removed; registered again",
+                worker_id=worker_id,
+            )
+
+    async def fetch_job(self, queues: Any, worker_id: int) -> Job | None:
+        """The next job, or None while the database does not answer."""
+        try:
+            job: Job | None = await super().fetch_job(queues=queues, worker_id=worker_id)
+        except pexc.ConnectorException as exc:
+            if not lost_connection(exc):
+                raise
+            self._failed("fetching jobs", exc)
+            return None
+        self._answered("fetching jobs")
+        return job
+
+    async def defer_periodic_job(
+        self, job: Job, periodic_id: str, defer_timestamp: int
+    ) -> int | None:
+        """Defer a periodic tick; a tick the database missed is logged and skipped."""
+        try:
+            job_id: int | None = await super().defer_periodic_job(
+                job=job, periodic_id=periodic_id, defer_timestamp=defer_timestamp
+            )
+        except pexc.ConnectorException as exc:
+            if not lost_connection(exc):
+                raise
+            self._failed("periodic tasks", exc, task=job.task_name)
+            return None
+        self._answered("periodic tasks")
+        return job_id
+
+    async def finish_job(self, job: Job, status: Status, delete_job: bool) -> None:
+        """Record the job's end once the database answers, if the job is still ours.
+
+        Gives up only when the worker is stopping and its grace period is over: the
+        job then stays ``doing``, and the recovery of a live worker queues it again;
+        that attempt finds its run ended (see :func:`run_sync_job`).
+        """
+        failures = 0
+        while True:
+            try:
+                rows = await self.connector.execute_query_all_async(
+                    query=_FINISH_IF_OURS_SQL,
+                    job_id=job.id,
+                    worker_id=job.worker_id,
+                    status=status.value,
+                    delete_job=delete_job,
+                )
+            except pexc.ConnectorException as exc:
+                if not lost_connection(exc):
+                    raise
+                failures += 1
+                if not self.keep_trying():
+                    log.error(  # noqa: TRY400 - a known outage: its text, no traceback
+                        "could not record the end of a job: the database is not answering; "
+                        "recovery queues it again",
+                        job_id=job.id,
+                        status=status.value,
+                    )
+                    return
+                self._failed("recording job ends", exc, job_id=job.id)
+                await asyncio.sleep(RECONNECT_BACKOFF.delay(failures, self._rng))
+                continue
+            self._answered("recording job ends")
+            if not rows:
+                log.warning(
+                    "job was queued again while this worker was silent; its end is left "
+                    "to the worker that has it now",
+                    job_id=job.id,
+                    status=status.value,
+                )
+            return
+
+    async def unregister_worker(self, worker_id: int) -> None:
+        """Remove this worker's row; when the database is away, pruning removes it later."""
+        try:
+            await super().unregister_worker(worker_id)
+        except pexc.ConnectorException as exc:
+            if not lost_connection(exc):
+                raise
+            log.warning(
+                "could not unregister the worker: database not answering",
+                error=_db_error_name(exc),
+            )
+
+
+def tolerate_outages(
+    app: procrastinate.App, *, stopping: asyncio.Event, grace_seconds: float
+) -> None:
+    """Give ``app`` the job manager of a worker that waits database outages out."""
+    app.job_manager = OutageTolerantJobManager(
+        app.connector, stopping=stopping, grace_seconds=grace_seconds
+    )
+
+
 # --- running a worker -----------------------------------------------------------------
 
 
@@ -890,8 +1425,9 @@ async def serve(
     calls; their in-flight calls finish, each run is recorded interrupted (resumable)
     and a new job is queued for it, so another worker carries on at once. Jobs still
     running after ``ADSYNC_WORKER_GRACE_SECONDS`` are aborted the same way; a second
-    signal aborts them at once. 0 after a stop by signal, 1 when a worker died by
-    itself (e.g. the database went away).
+    signal aborts them at once. A database that goes away is waited for (see
+    :class:`OutageTolerantJobManager`): 0 after a stop by signal, 1 only when a worker
+    loop failed for another reason.
     """
     loop = asyncio.get_running_loop()
     requested = asyncio.Event()
@@ -911,6 +1447,13 @@ async def serve(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    # Store calls run in threads. While the database is away, each running sync can
+    # hold a few of them waiting (its writes, its listing); the default pool (a few
+    # threads on a small machine) would then leave the leases' heartbeats queued
+    # behind them, unable to tell their runs to stop in time.
+    loop.set_default_executor(
+        ThreadPoolExecutor(max_workers=4 * concurrency + 8, thread_name_prefix="adsync-store")
+    )
     common: dict[str, Any] = {
         # Ours, above: the syncs' own stop events must be set before Procrastinate
         # stops fetching.
@@ -922,6 +1465,7 @@ async def serve(
         "shutdown_graceful_timeout": settings.grace_seconds,
         "additional_context": {_RUNTIME_KEY: runtime},
     }
+    tolerate_outages(app, stopping=runtime.stopping, grace_seconds=settings.grace_seconds)
     died = False
     try:
         async with _opened(app), contextlib.aclosing(runtime):
@@ -951,17 +1495,34 @@ async def _run_workers(
     requested: asyncio.Event,
     common: dict[str, Any],
 ) -> bool:
-    """Run both Procrastinate workers until a stop is requested; True if one died first."""
+    """Run both Procrastinate workers until a stop is requested; True if one died first.
+
+    Each is supervised: when one ends by itself (the database went away and came
+    back in a state it could not handle), it is started again with backoff, and the
+    syncs keep running meanwhile.
+    """
     workers = [
         asyncio.create_task(
-            app.run_worker_async(
-                queues=[QUEUE_SYNC], concurrency=concurrency, name="adsync-sync", **common
+            _supervised(
+                app,
+                requested,
+                runtime.rng,
+                queues=[QUEUE_SYNC],
+                concurrency=concurrency,
+                name="adsync-sync",
+                **common,
             ),
             name="adsync-sync-worker",
         ),
         asyncio.create_task(
-            app.run_worker_async(
-                queues=[QUEUE_MAINTENANCE], concurrency=1, name="adsync-maintenance", **common
+            _supervised(
+                app,
+                requested,
+                runtime.rng,
+                queues=[QUEUE_MAINTENANCE],
+                concurrency=1,
+                name="adsync-maintenance",
+                **common,
             ),
             name="adsync-maintenance-worker",
         ),
@@ -975,7 +1536,8 @@ async def _run_workers(
     await asyncio.wait([*workers, stop_requested], return_when=asyncio.FIRST_COMPLETED)
     died = not requested.is_set()
     if died:
-        log.error("a worker loop ended by itself (database lost?): stopping")
+        # Not the database (that is waited out): a fault of our own.
+        log.error("a worker loop failed unexpectedly: stopping")
         runtime.stop_gracefully()
     for task in workers:
         # Procrastinate's documented way to stop a worker it does not signal itself:
@@ -990,6 +1552,47 @@ async def _run_workers(
             log.error("worker ended with an error", error=REDACTOR.scrub(repr(result)))
             died = True
     return died
+
+
+async def _supervised(
+    app: procrastinate.App,
+    requested: asyncio.Event,
+    rng: random.Random,
+    *,
+    backoff: JobRetryPolicy = RECONNECT_BACKOFF,
+    **options: Any,
+) -> None:
+    """Run one Procrastinate worker until a stop is requested, restarting it if it ends.
+
+    It ends by itself when it cannot start (database down: it registers itself first)
+    or when an error it does not expect reaches its loop.
+    """
+    failures = 0
+    while True:
+        started = time.monotonic()
+        try:
+            await app.run_worker_async(**options)
+        except Exception as exc:  # noqa: BLE001 - whatever ended it, start it again
+            error = _db_error_name(exc) if lost_connection(exc) else REDACTOR.scrub(repr(exc))
+        else:
+            error = "ended by itself"
+        if requested.is_set():
+            return
+        if time.monotonic() - started > _HEALTHY_FOR:
+            failures = 0
+        failures += 1
+        delay = backoff.delay(failures, rng)
+        log.warning(
+            "job queue worker stopped; starting it again",
+            worker=options.get("name"),
+            error=error,
+            attempt=failures,
+            retry_in=round(delay, 1),
+        )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await requested.wait()
+                return
 
 
 @contextlib.asynccontextmanager

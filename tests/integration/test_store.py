@@ -27,7 +27,7 @@ from adsync.models import (
     RunStatus,
     SyncedCampaign,
 )
-from adsync.store import SqlStore, metadata
+from adsync.store import SqlStore, metadata, sync_runs
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 LEASE = 30.0
@@ -531,6 +531,30 @@ def test_save_counters_stores_absolute_values(store: SqlStore) -> None:
     saved = store.get_run(run.id)
     assert saved is not None
     assert saved.counters() == RunCounters(seen=8, synced=3, requests=11, rate_limited=1)
+
+
+def test_a_live_run_is_a_running_one_whose_lease_holds(store: SqlStore) -> None:
+    assert store.live_run("acme") is None
+    run = store.claim_run("acme", OWNER, datetime.now(UTC), LEASE)
+    live = store.live_run("acme")
+    assert live is not None
+    assert (live.id, live.owner) == (run.id, OWNER)
+    assert store.live_run("other") is None
+
+    # Its lease ran out (its process died or lost the database): not live.
+    with store.engine.begin() as conn:
+        conn.execute(
+            sa.update(sync_runs).values(lease_until=datetime.now(UTC) - timedelta(minutes=5))
+        )
+    assert store.live_run("acme") is None
+
+    # Finished: not live either, whatever its lease says.
+    with store.engine.begin() as conn:
+        conn.execute(
+            sa.update(sync_runs).values(lease_until=datetime.now(UTC) + timedelta(minutes=5))
+        )
+    store.finish_run(run.id, OWNER, RunStatus.SUCCEEDED, RunCounters(), datetime.now(UTC))
+    assert store.live_run("acme") is None
 
 
 # --- checkpoint and failures ----------------------------------------------------------

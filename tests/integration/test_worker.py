@@ -40,7 +40,6 @@ from adsync.worker import (
     queue_conninfo,
     recover_stalled,
 )
-from conftest import create_postgres_database, drop_postgres_database
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -86,16 +85,6 @@ def _reap() -> Iterator[None]:
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
-
-
-@pytest.fixture
-def pg_url(postgres_server: None) -> Iterator[str]:
-    """A database of its own: Procrastinate's queue must start empty for every test."""
-    url = create_postgres_database()
-    try:
-        yield url
-    finally:
-        drop_postgres_database(url)
 
 
 def _client(i: int) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import random
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,7 +29,7 @@ from adsync.errors import (
 )
 from adsync.metrics import Metrics
 from adsync.models import RunCounters, RunStatus
-from adsync.store import SqlStore
+from adsync.store import SqlStore, make_owner
 from adsync.sync import SyncOutcome
 from adsync.worker import (
     Action,
@@ -320,3 +321,81 @@ async def test_the_jobs_of_a_worker_share_one_writer_rate_log_and_margin(
         assert calls[0][key] is not None
         assert calls[0][key] is calls[1][key] is getattr(runtime, key)
     assert calls[0]["accounts"] == 4
+
+
+async def test_a_job_run_again_after_its_run_ended_does_not_sync_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker went silent after its run succeeded but before it recorded its job's
+    # end; recovery queued the job again. That attempt must not start a second run.
+    accounts = tmp_path / "accounts.toml"
+    accounts.write_text(
+        '[[accounts]]\nclient_id = "c0"\nemail = "c0@example.com"\n'
+        'password_env = "UNIT_WORKER_PASSWORD"\n'
+    )
+    monkeypatch.setenv("UNIT_WORKER_PASSWORD", "pw")
+    calls: list[str] = []
+
+    async def fake_sync(settings: Settings, store: SqlStore, **kwargs: Any) -> SyncOutcome:
+        calls.append(settings.client_id)
+        return _outcome(RunStatus.SUCCEEDED)
+
+    monkeypatch.setattr(worker, "sync_account", fake_sync)
+    store = SqlStore.from_url(f"sqlite:///{tmp_path / 'w.db'}")
+    store.upgrade()
+    now = datetime.now(UTC)
+    run = store.claim_run("c0", f"{make_owner()}/job7", now, 30.0)
+    store.finish_run(run.id, run.owner, RunStatus.SUCCEEDED, RunCounters(), now)
+    metrics = Metrics()
+    runtime = WorkerRuntime(
+        store=store,
+        accounts_file=accounts,
+        policy=POLICY,
+        stalled_after=60.0,
+        metrics=metrics,
+        worker_metrics=WorkerMetrics(metrics.registry),
+    )
+    app = cast(procrastinate.App, None)  # a finished run needs no follow-up job
+    try:
+        again = await run_sync_job(app, runtime, "c0", 1, job_id=7)
+        other = await run_sync_job(app, runtime, "c0", 1, job_id=8)
+    finally:
+        await runtime.aclose()
+        store.dispose()
+    assert again["run_id"] == run.id
+    assert "already" in again["decision"]
+    assert calls == ["c0"]  # only job 8, which had no run yet
+    assert other["status"] == "succeeded"
+
+
+@pytest.mark.parametrize(
+    ("patience", "attempts"),
+    [(0, 1), (0.5, 2), (7.5, 5), (15.5, 6), (25.5, 7), (300, 35)],
+)
+def test_a_patient_store_retries_for_at_least_its_patience(patience: float, attempts: int) -> None:
+    # 0.5, 1, 2, 4, 8, then 10 s apart: the store's own backoff (wait doubling, capped).
+    assert worker.retries_within(patience, wait=0.5, wait_max=10.0) == attempts
+
+
+async def test_a_job_queue_worker_that_ends_by_itself_is_started_again() -> None:
+    requested = asyncio.Event()
+    started: list[str] = []
+
+    class _App:
+        async def run_worker_async(self, **options: Any) -> None:
+            started.append(options["name"])
+            if len(started) == 1:
+                # Cannot register itself: the database is down.
+                raise procrastinate.exceptions.ConnectorException("down")
+            if len(started) == 2:
+                return  # ended by itself (its listener failed)
+            requested.set()  # the third runs until the stop
+
+    await worker._supervised(
+        cast(procrastinate.App, _App()),
+        requested,
+        random.Random(1),
+        backoff=JobRetryPolicy(initial=0.001, maximum=0.001),
+        name="adsync-sync",
+    )
+    assert started == ["adsync-sync"] * 3

@@ -1,0 +1,231 @@
+"""What becomes of a sync job when its worker pauses or its run is held elsewhere.
+
+Real ``adsync worker`` processes on a PostgreSQL database of the test's own, the
+simulator's per-campaign sync counts as the proof that nothing ran twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from _proc import Db, database, start_sync, wait_for
+from _proc import reap_all as reap_syncs
+from _workers import (
+    LIMIT,
+    SYNC_TASK,
+    WINDOW,
+    client_id,
+    reap,
+    run,
+    setup,
+    sim_accounts,
+    start_worker,
+    sync_ok,
+)
+from procrastinate.jobs import Status
+
+from adsync.simulator.testing import running_simulator
+from adsync.worker import (
+    QUEUE_SYNC,
+    WorkerSettings,
+    build_app,
+    defer_sync,
+    ensure_queue_schema,
+    queue_conninfo,
+    tolerate_outages,
+)
+
+pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
+
+
+@pytest.fixture(autouse=True)
+def _reap() -> Iterator[None]:
+    yield
+    reap()
+    reap_syncs()
+
+
+def _jobs(db: Db, client: str) -> list[Any]:
+    return db.rows(
+        "SELECT id, status::text AS status, attempts, args FROM procrastinate_jobs "
+        "WHERE task_name = :t AND lock = :l ORDER BY id",
+        t=SYNC_TASK,
+        l=f"adsync:account:{client}",
+    )
+
+
+def _synced(db: Db, client: str, campaigns: int) -> bool:
+    return (
+        db.scalar(
+            "SELECT count(*) FROM sync_runs WHERE client_id = :c AND status = 'succeeded' "
+            "AND synced = :n",
+            c=client,
+            n=campaigns,
+        )
+        == 1
+    )
+
+
+def _run_under_way(db: Db, client: str, at_least: int = 20) -> bool:
+    synced = db.scalar(
+        "SELECT count(*) FROM run_items i JOIN sync_runs r ON r.id = i.run_id "
+        "WHERE r.client_id = :c AND r.status = 'running' AND i.state = 'synced'",
+        c=client,
+    )
+    return bool(synced and synced >= at_least)
+
+
+def _settled(db: Db) -> bool:
+    """No sync job waiting or running."""
+    return (
+        db.scalar(
+            "SELECT count(*) FROM procrastinate_jobs WHERE task_name = :t "
+            "AND status IN ('todo', 'doing')",
+            t=SYNC_TASK,
+        )
+        == 0
+    )
+
+
+def test_a_worker_paused_past_the_stalled_threshold_keeps_its_job_and_syncs_once(
+    tmp_path: Path, pg_url: str
+) -> None:
+    campaigns = 300
+    with (
+        running_simulator(
+            process=True,
+            rate_limit=LIMIT,
+            rate_window=WINDOW,
+            sync_delay=0.02,
+            error_rate=0,
+            hang_rate=0,
+            seed=41,
+            accounts=sim_accounts(campaigns, 1),
+        ) as sim,
+        database(pg_url) as db,
+    ):
+        env = setup(tmp_path, sim, pg_url, 1)
+        # Longer than the pause: a request in flight when the process stops must not
+        # time out the moment it resumes (its answer is waiting in the socket).
+        env |= {"AD_PLATFORM_REQUEST_TIMEOUT": "8", "AD_PLATFORM_REQUEST_DEADLINE": "8"}
+        client = client_id(0)
+        assert run(env, tmp_path, "enqueue", "--all").returncode == 0
+        first = start_worker(env, tmp_path, "first", "--concurrency", "1")
+        wait_for(lambda: _run_under_way(db, client), timeout=30, what="the run under way")
+        second = start_worker(env, tmp_path, "second", "--concurrency", "1")
+        wait_for(lambda: "worker started" in second.stderr, timeout=30, what="a second worker")
+
+        # Paused for four recovery ticks past the 1 s stalled threshold; the run's
+        # lease (32 s) still holds.
+        first.proc.send_signal(signal.SIGSTOP)
+        time.sleep(4)
+        first.proc.send_signal(signal.SIGCONT)
+
+        wait_for(lambda: _synced(db, client, campaigns), timeout=60, what="the account synced")
+        wait_for(lambda: _settled(db), timeout=20, what="no job left waiting")
+        time.sleep(1)  # time enough for a retry, were one queued
+        jobs = _jobs(db, client)
+        runs = db.runs()
+        counts = sync_ok(sim, client)
+        for worker in (first, second):
+            worker.proc.send_signal(signal.SIGTERM)
+            assert worker.wait(20) == 0, worker.stderr[-3000:]
+
+    assert [(r.status, r.resumes) for r in runs] == [("succeeded", 0)]
+    assert counts == {f"campaign_{n}": 1 for n in range(1, campaigns + 1)}
+    # One job, done by its first worker: never failed, never run a second time.
+    assert [(j.status, j.attempts) for j in jobs] == [("succeeded", 1)]
+
+
+def test_a_job_whose_run_another_process_holds_waits_for_it_and_ends_done(
+    tmp_path: Path, pg_url: str
+) -> None:
+    campaigns = 200
+    with (
+        running_simulator(
+            process=True,
+            rate_limit=10,
+            rate_window=WINDOW,
+            sync_delay=0.02,
+            error_rate=0,
+            hang_rate=0,
+            seed=42,
+            accounts=sim_accounts(campaigns, 1),
+        ) as sim,
+        database(pg_url) as db,
+    ):
+        env = setup(tmp_path, sim, pg_url, 1, limit=10)
+        client = client_id(0)
+        worker = start_worker(env, tmp_path, "worker", "--concurrency", "1")
+        wait_for(lambda: "worker started" in worker.stderr, timeout=30, what="the worker")
+        # `adsync sync` holds the account's run; a job for the same account meanwhile.
+        cli = start_sync(env, tmp_path, "--client", client)
+        wait_for(lambda: _run_under_way(db, client), timeout=30, what="the CLI's run under way")
+        assert run(env, tmp_path, "enqueue", "--all").returncode == 0
+        wait_for(
+            lambda: [j.status for j in _jobs(db, client)][:1] not in ([], ["todo"]),
+            timeout=30,
+            interval=0.05,
+            what="the job taken by the worker",
+        )
+        assert cli.proc.poll() is None  # taken while the CLI's run held the account
+        assert cli.wait(60) == 0, cli.stderr
+        wait_for(lambda: _settled(db), timeout=30, what="the job ended")
+        time.sleep(1)  # time enough for a retry, were one queued
+        jobs = _jobs(db, client)
+        runs = db.runs()
+        counts = sync_ok(sim, client)
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.wait(20) == 0, worker.stderr[-3000:]
+
+    # The CLI's run did the work; the job waited for it and ended done, unfailed,
+    # without a run of its own.
+    assert [r.status for r in runs] == ["succeeded"]
+    assert counts == {f"campaign_{n}": 1 for n in range(1, campaigns + 1)}
+    assert [(j.status, j.args["attempt"]) for j in jobs] == [("succeeded", 1)]
+    assert "finished by another process" in worker.stderr
+
+
+async def test_a_job_queued_again_while_its_worker_was_silent_is_left_to_its_new_worker(
+    pg_url: str,
+) -> None:
+    conninfo = queue_conninfo(pg_url)
+    await ensure_queue_schema(conninfo)
+    app = build_app(conninfo, WorkerSettings(ADSYNC_SCHEDULE_MINUTES=0), pool_size=3)
+    async with app.open_async():
+        tolerate_outages(app, stopping=asyncio.Event(), grace_seconds=1.0)
+        jobs = app.job_manager
+        job_id = await defer_sync(app, "acme")
+        silent = await jobs.register_worker()
+        taken = await jobs.fetch_job(queues=[QUEUE_SYNC], worker_id=silent)
+        assert taken is not None
+        # The worker looked dead: recovery queued its job again and another took it.
+        await jobs.retry_job(taken)
+        live = await jobs.register_worker()
+        again = await jobs.fetch_job(queues=[QUEUE_SYNC], worker_id=live)
+        assert again is not None
+        assert again.id == job_id
+
+        # The silent worker wakes up and ends its attempt: the job is no longer its own.
+        await jobs.finish_job(taken, Status.SUCCEEDED, delete_job=False)
+        assert await jobs.get_job_status_async(job_id) == Status.DOING
+        await jobs.finish_job(again, Status.SUCCEEDED, delete_job=False)
+        assert await jobs.get_job_status_async(job_id) == Status.SUCCEEDED
+
+        # Pruned as dead while silent: registered again at its next heartbeat, so the
+        # jobs it fetches from now on still name a worker that exists.
+        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+            await conn.execute("DELETE FROM procrastinate_workers WHERE id = %s", (silent,))
+            await jobs.update_heartbeat(silent)
+            cursor = await conn.execute(
+                "SELECT count(*) FROM procrastinate_workers WHERE id = %s", (silent,)
+            )
+            row = await cursor.fetchone()
+    assert row == (1,)
