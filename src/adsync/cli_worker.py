@@ -86,7 +86,8 @@ def worker(  # noqa: PLR0917 - a typer command takes one parameter per option
     ADSYNC_STALLED_AFTER_SECONDS, default 60); their runs resume from the
     checkpoint. A database restart or outage is waited out (running syncs
     carry on); /healthz answers 503 meanwhile, and when the worker loop
-    stops answering.
+    stops answering. Accounts whose secret this worker cannot read are
+    listed there and their jobs left to other workers.
 
     SIGTERM/SIGINT: no new jobs; running syncs make no new calls, their
     in-flight calls finish (up to ADSYNC_WORKER_GRACE_SECONDS), the runs are
@@ -128,6 +129,10 @@ def worker(  # noqa: PLR0917 - a typer command takes one parameter per option
                 poll_seconds=settings.poll_seconds,
                 db_patience=settings.db_patience_seconds,
             )
+            # An account whose secret is missing here is reported now, not when its
+            # job comes: its jobs go back to the queue for the other workers.
+            runtime.check_accounts()
+            health.unservable = runtime.unservable
             if server is not None:
                 err.print(f"health and metrics on http://{health_addr}:{server.port}/healthz")
             # Two connections stay busy listening; the rest serve fetches and job ends.

@@ -270,6 +270,9 @@ class Action(StrEnum):
     RETRY = "retry"  # transient failure: a new attempt after the backoff, resuming the run
     CONTINUE = "continue"  # the worker is stopping: another worker picks the run up now
     GIVE_UP = "give_up"  # retrying cannot help (credentials, config) or attempts exhausted
+    # This worker cannot serve the account (its secret is missing here): another
+    # worker takes the job, the attempt is not counted.
+    HAND_BACK = "hand_back"
 
 
 @dataclass(frozen=True, slots=True)
@@ -571,6 +574,12 @@ class WorkerMetrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        self.unservable = Gauge(
+            "worker_unservable_accounts",
+            "Enabled accounts this worker cannot serve (a secret it cannot read).",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
 
 
 _PATIENT_WAIT: Final = 0.5
@@ -635,6 +644,9 @@ class WorkerRuntime:
     margin: Margin | None = None
     # How often a job whose run another process holds looks whether it has ended.
     poll_seconds: float = 5.0
+    # Enabled accounts this worker cannot serve (a secret it cannot read), with why.
+    # Replaced, never changed in place: the health thread reads it.
+    unservable: dict[str, str] = field(default_factory=dict)
     # Seconds the runs' writes wait for a database that does not answer (0: the
     # store's own retries only).
     db_patience: float = 0.0
@@ -663,6 +675,45 @@ class WorkerRuntime:
 
     def _wait_for_database(self, seconds: float) -> None:
         self._waits_over.wait(seconds)
+
+    def check_accounts(self) -> None:
+        """Check every enabled account's secret now; report those this worker cannot serve.
+
+        At start and at each reload of the accounts file. A file that cannot be read
+        changes nothing (its jobs are handed back meanwhile, see :func:`run_sync_job`).
+        """
+        try:
+            problems = unservable_accounts(self.accounts_file)
+        except ConfigError as exc:
+            log.error(  # noqa: TRY400 - a configuration problem: its text, no traceback
+                "cannot read the accounts file; its accounts' jobs are handed back until "
+                "it can be read",
+                error=REDACTOR.scrub(str(exc)),
+            )
+            return
+        for client_id in set(self.unservable) - set(problems):
+            self.note_account(client_id, None)
+        for client_id, problem in problems.items():
+            self.note_account(client_id, problem)
+
+    def note_account(self, client_id: str, problem: str | None) -> None:
+        """Record whether this worker can serve ``client_id`` (None) or why not; log changes."""
+        if self.unservable.get(client_id) == problem:
+            return
+        unservable = dict(self.unservable)
+        if problem is None:
+            unservable.pop(client_id, None)
+            log.info("account no longer unservable by this worker", client_id=client_id)
+        else:
+            unservable[client_id] = problem
+            log.error(
+                "account cannot be served by this worker: its jobs go back to the queue "
+                "for another worker",
+                client_id=client_id,
+                reason=problem,
+            )
+        self.unservable = unservable
+        self.worker_metrics.unservable.set(len(unservable))
 
     async def aclose(self) -> None:
         """Stop the rate log's thread (after the last job); waits for the database end."""
@@ -702,12 +753,18 @@ def _runtime(context: procrastinate.JobContext) -> WorkerRuntime:
     return runtime
 
 
-def account_settings(accounts_file: Path, client_id: str) -> Settings:
-    """The settings of ``client_id``, read afresh so that edits apply without a restart."""
-    (account,) = select(load_accounts(accounts_file), [client_id])
-    settings = account.settings()
-    REDACTOR.register(settings.password.get_secret_value())
-    return settings
+def unservable_accounts(accounts_file: Path) -> dict[str, str]:
+    """The enabled accounts whose settings (their secret) this process cannot build, with why.
+
+    Raises :class:`ConfigError` when the file itself cannot be read.
+    """
+    problems: dict[str, str] = {}
+    for account in select(load_accounts(accounts_file), []):
+        try:
+            account.settings()
+        except ConfigError as exc:
+            problems[account.client_id] = str(exc)
+    return problems
 
 
 def job_owner(job_id: int | None) -> str | None:
@@ -748,13 +805,15 @@ async def run_sync_job(
 ) -> dict[str, Any]:
     """One attempt at an account's sync, and what follows it (see :func:`decide`).
 
-    Before syncing: a run this job (or the one before it, ``run_id``) already
-    brought to an end is not started again. A run held by another live process is
-    waited for, and the job ends done when that run ends well.
+    Before syncing: a disabled account is skipped (done); an account whose secret
+    this worker cannot read goes back to the queue for another worker; a run this
+    job (or the one before it, ``run_id``) already brought to an end is not started
+    again. A run held by another live process is waited for, and the job ends done
+    when that run ends well.
 
     Returns a summary when the account is done; raises :class:`JobFailed` (job
     ``failed``) or Procrastinate's ``JobAborted`` (job ``aborted``, when the worker
-    stops) otherwise, after queueing the follow-up job if
+    stops or hands the job back) otherwise, after queueing the follow-up job if
     there is one.
     """
     bound: FilteringBoundLogger = log.bind(client_id=client_id, job_id=job_id, attempt=attempt)
@@ -806,7 +865,7 @@ class _Attempt:
         self.outcome: SyncOutcome | None = None
 
     async def decide(self) -> Decision:
-        """Sync (or wait); what follows."""
+        """Sync (or skip, hand back, wait); what follows."""
         settings = self._settings()
         if isinstance(settings, Decision):
             return settings
@@ -855,9 +914,36 @@ class _Attempt:
     def _settings(self) -> Settings | Decision:
         rt = self.runtime
         try:
-            return account_settings(rt.accounts_file, self.client_id)
+            accounts = load_accounts(rt.accounts_file)
         except ConfigError as exc:
+            return self._hand_back(f"cannot read the accounts file: {exc}")
+        try:
+            (account,) = select(accounts, [self.client_id])
+        except ConfigError as exc:  # removed from the file: nothing to sync
             return decide(self.attempt, rt.policy, rt.rng, error=exc)
+        if not account.enabled:
+            self.log.info("sync job skipped: account disabled in the accounts file")
+            return Decision(Action.DONE, "account disabled in the accounts file; not synced")
+        try:
+            settings = account.settings()
+        except ConfigError as exc:
+            rt.note_account(self.client_id, str(exc))
+            return self._hand_back(str(exc))
+        rt.note_account(self.client_id, None)
+        REDACTOR.register(settings.password.get_secret_value())
+        return settings
+
+    def _hand_back(self, why: str) -> Decision:
+        # Not an attempt: the same attempt number, after a short while so that a
+        # worker that can serve the account gets its turn.
+        delay = self.runtime.policy.delay(1, self.runtime.rng)
+        return Decision(
+            Action.HAND_BACK,
+            f"this worker cannot serve the account ({why})",
+            delay,
+            self.attempt,
+            self.run_id,
+        )
 
     async def _ended_already(self) -> Decision | None:
         store = self.runtime.store
@@ -958,7 +1044,7 @@ async def _follow_up(
     if decision.action is Action.GIVE_UP:
         bound.error("sync job failed", reason=reason)
         raise JobFailed(f"{client_id}: {reason}")
-    assert decision.next_attempt is not None  # noqa: S101 - set for RETRY and CONTINUE
+    assert decision.next_attempt is not None  # noqa: S101 - set for RETRY, CONTINUE, HAND_BACK
     next_id = await _defer_patiently(app, runtime, client_id, decision)
     then = (
         f"job {next_id} (attempt {decision.next_attempt}) in {decision.delay:.0f}s"
@@ -968,6 +1054,9 @@ async def _follow_up(
     if decision.action is Action.CONTINUE:
         bound.info("sync job handed over", reason=reason, next=then)
         raise pexc.JobAborted(f"{client_id}: {reason}; resumed by {then}")
+    if decision.action is Action.HAND_BACK:
+        bound.warning("sync job handed back to the queue", reason=reason, next=then)
+        raise pexc.JobAborted(f"{client_id}: {reason}; queued again as {then}")
     bound.warning("sync attempt failed; retrying", reason=reason, next=then)
     raise JobFailed(f"{client_id}: {reason}; resumed by {then}")
 
@@ -1528,7 +1617,8 @@ async def _run_workers(
         ),
     ]
     stop_requested: asyncio.Task[Any] = asyncio.create_task(requested.wait())
-    extras: list[asyncio.Task[Any]] = [stop_requested]
+    accounts = watch_accounts(runtime, health, every=settings.heartbeat_seconds)
+    extras: list[asyncio.Task[Any]] = [stop_requested, asyncio.create_task(accounts)]
     if health is not None:
         watch = watch_health(app, health, runtime.worker_metrics, settings.heartbeat_seconds)
         extras.append(asyncio.create_task(watch))
@@ -1552,6 +1642,38 @@ async def _run_workers(
             log.error("worker ended with an error", error=REDACTOR.scrub(repr(result)))
             died = True
     return died
+
+
+# A password file can become readable (or not) without the accounts file changing.
+_ACCOUNTS_RECHECK: Final = 60.0
+
+
+async def watch_accounts(runtime: WorkerRuntime, health: Health | None, *, every: float) -> None:
+    """Check the accounts' secrets again whenever the accounts file changes, forever.
+
+    Also once a minute, and ``/healthz`` gets what the checks and the jobs found.
+    """
+    seen: tuple[int, int, int] | None = None
+    checked = time.monotonic()
+    while True:
+        await asyncio.sleep(every)
+        signature = _file_signature(runtime.accounts_file)
+        if signature != seen or time.monotonic() - checked >= _ACCOUNTS_RECHECK:
+            if seen is not None and signature != seen:
+                log.info("accounts file changed; checking its accounts' secrets")
+            seen, checked = signature, time.monotonic()
+            # Reads every secret (files, the environment): off the event loop.
+            await asyncio.to_thread(runtime.check_accounts)
+        if health is not None:
+            health.unservable = runtime.unservable
+
+
+def _file_signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
 async def _supervised(

@@ -1,4 +1,5 @@
-"""What becomes of a sync job when its worker pauses or its run is held elsewhere.
+"""What becomes of a sync job when its worker pauses, its run is held elsewhere, its worker
+cannot serve its account, or its account is disabled.
 
 Real ``adsync worker`` processes on a PostgreSQL database of the test's own, the
 simulator's per-campaign sync counts as the proof that nothing ran twice.
@@ -7,6 +8,7 @@ simulator's per-campaign sync counts as the proof that nothing ran twice.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -22,6 +24,8 @@ from _workers import (
     SYNC_TASK,
     WINDOW,
     client_id,
+    free_port,
+    get,
     reap,
     run,
     setup,
@@ -191,6 +195,120 @@ def test_a_job_whose_run_another_process_holds_waits_for_it_and_ends_done(
     assert counts == {f"campaign_{n}": 1 for n in range(1, campaigns + 1)}
     assert [(j.status, j.args["attempt"]) for j in jobs] == [("succeeded", 1)]
     assert "finished by another process" in worker.stderr
+
+
+def test_a_worker_without_an_accounts_secret_leaves_its_jobs_to_other_workers(
+    tmp_path: Path, pg_url: str
+) -> None:
+    count, campaigns = 3, 20
+    with (
+        running_simulator(
+            process=True,
+            rate_limit=LIMIT,
+            rate_window=WINDOW,
+            sync_delay=0.01,
+            error_rate=0,
+            hang_rate=0,
+            seed=43,
+            accounts=sim_accounts(campaigns, count),
+        ) as sim,
+        database(pg_url) as db,
+    ):
+        env = setup(tmp_path, sim, pg_url, count)
+        lacking = dict(env)
+        del lacking["ADSYNC_TEST_PASSWORD_1"]
+        port = free_port()
+        without = start_worker(
+            lacking, tmp_path, "without", "--concurrency", "3", "--health-port", str(port)
+        )
+        healthz = f"http://127.0.0.1:{port}/healthz"
+        wait_for(lambda: "worker started" in without.stderr, timeout=30, what="the worker")
+        assert run(env, tmp_path, "enqueue", "--all").returncode == 0
+        for i in (0, 2):
+            wait_for(lambda i=i: _synced(db, client_id(i), campaigns), timeout=30, what="synced")
+        time.sleep(1)  # the job of client-01 comes and goes back meanwhile
+        status, body = get(healthz)
+        assert _synced(db, client_id(1), campaigns) is False
+
+        # A worker that has the password takes client-01's job.
+        full = start_worker(env, tmp_path, "full", "--concurrency", "3")
+        wait_for(lambda: _synced(db, client_id(1), campaigns), timeout=30, what="client-01 synced")
+        wait_for(lambda: _settled(db), timeout=20, what="no job left waiting")
+
+        # A reload of the accounts file is checked too: a new account whose password
+        # file cannot be read is reported.
+        accounts = tmp_path / "accounts.toml"
+        accounts.write_text(
+            accounts.read_text()
+            + '[[accounts]]\nclient_id = "client-09"\nemail = "x@client9.example"\n'
+            f'password_file = "{tmp_path / "missing-secret"}"\n'
+        )
+        wait_for(
+            lambda: "client-09" in json.loads(get(healthz)[1])["unservable_accounts"],
+            timeout=30,
+            what="the new account reported",
+        )
+        after = json.loads(get(healthz)[1])
+        failed = db.rows(
+            "SELECT id FROM procrastinate_jobs WHERE task_name = :t AND status = 'failed'",
+            t=SYNC_TASK,
+        )
+        for worker in (without, full):
+            worker.proc.send_signal(signal.SIGTERM)
+            assert worker.wait(20) == 0, worker.stderr[-3000:]
+        counts = {client_id(i): sync_ok(sim, client_id(i)) for i in range(count)}
+
+    # Reported, not swallowed: healthy (it serves the others), the account named
+    # with what is missing, a clear log line; no job ended failed.
+    assert status == 200
+    report = json.loads(body)
+    assert report["status"] == "degraded"
+    assert list(report["unservable_accounts"]) == [client_id(1)]
+    assert "ADSYNC_TEST_PASSWORD_1" in report["unservable_accounts"][client_id(1)]
+    assert "missing-secret" in after["unservable_accounts"]["client-09"]
+    assert "cannot be served by this worker" in without.stderr
+    assert failed == []
+    for client, ok in counts.items():
+        assert ok == {f"campaign_{n}": 1 for n in range(1, campaigns + 1)}, client
+
+
+def test_an_account_disabled_while_its_job_waits_is_not_synced(tmp_path: Path, pg_url: str) -> None:
+    count, campaigns = 3, 60
+    with (
+        running_simulator(
+            process=True,
+            rate_limit=10,
+            rate_window=WINDOW,
+            sync_delay=0.01,
+            error_rate=0,
+            hang_rate=0,
+            seed=44,
+            accounts=sim_accounts(campaigns, count),
+        ) as sim,
+        database(pg_url) as db,
+    ):
+        env = setup(tmp_path, sim, pg_url, count, limit=10)
+        assert run(env, tmp_path, "enqueue", "--all").returncode == 0
+        worker = start_worker(env, tmp_path, "worker", "--concurrency", "1")
+        wait_for(lambda: _run_under_way(db, client_id(0), 5), timeout=30, what="client-00 syncing")
+        accounts = tmp_path / "accounts.toml"
+        text = accounts.read_text()
+        assert text.count('client_id = "client-01"') == 1
+        accounts.write_text(
+            text.replace('client_id = "client-01"', 'client_id = "client-01"\nenabled = false')
+        )
+        wait_for(lambda: _synced(db, client_id(2), campaigns), timeout=60, what="client-02 synced")
+        wait_for(lambda: _settled(db), timeout=20, what="no job left waiting")
+        jobs = _jobs(db, client_id(1))
+        runs = db.scalar("SELECT count(*) FROM sync_runs WHERE client_id = :c", c=client_id(1))
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.wait(20) == 0, worker.stderr[-3000:]
+        stats = sim.stats()["clients"]
+
+    assert client_id(1) not in stats  # not one request for the disabled account
+    assert runs == 0
+    assert [j.status for j in jobs] == ["succeeded"]
+    assert "account disabled" in worker.stderr
 
 
 async def test_a_job_queued_again_while_its_worker_was_silent_is_left_to_its_new_worker(

@@ -399,3 +399,33 @@ async def test_a_job_queue_worker_that_ends_by_itself_is_started_again() -> None
         name="adsync-sync",
     )
     assert started == ["adsync-sync"] * 3
+
+
+def test_unservable_accounts_are_named_with_what_is_missing_and_leave_the_worker_healthy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    accounts = tmp_path / "accounts.toml"
+    accounts.write_text(
+        '[[accounts]]\nclient_id = "ok"\nemail = "ok@example.com"\n'
+        'password_env = "UNIT_OK_PASSWORD"\n\n'
+        '[[accounts]]\nclient_id = "no-env"\nemail = "a@example.com"\n'
+        'password_env = "UNIT_MISSING_PASSWORD"\n\n'
+        '[[accounts]]\nclient_id = "no-file"\nemail = "b@example.com"\n'
+        f'password_file = "{tmp_path / "absent"}"\n\n'
+        '[[accounts]]\nclient_id = "off"\nemail = "c@example.com"\n'
+        'password_env = "UNIT_MISSING_PASSWORD"\nenabled = false\n'
+    )
+    monkeypatch.setenv("UNIT_OK_PASSWORD", "pw")
+    monkeypatch.delenv("UNIT_MISSING_PASSWORD", raising=False)
+    problems = worker.unservable_accounts(accounts)
+    assert sorted(problems) == ["no-env", "no-file"]  # a disabled account is not served
+    assert "UNIT_MISSING_PASSWORD" in problems["no-env"]
+    assert "absent" in problems["no-file"]
+
+    clock = _Clock()
+    health = Health(max_silence=5.0, clock=clock, unservable=problems)
+    health.loop_at = health.db_ok_at = clock.now
+    ok, body = health.report()
+    assert ok
+    assert body["status"] == "degraded"
+    assert body["unservable_accounts"] == problems
