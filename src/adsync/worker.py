@@ -1,6 +1,6 @@
 """Scale-out on Procrastinate: one sync job per account, the schedule, stalled-job recovery.
 
-Three tasks live on the PostgreSQL adsync already uses:
+Four tasks live on the PostgreSQL adsync already uses:
 
 ``adsync.sync_account`` (queue ``adsync-sync``)
     One account's sync. Deferred with ``lock`` and ``queueing_lock`` both set to
@@ -13,6 +13,9 @@ Three tasks live on the PostgreSQL adsync already uses:
     Puts the jobs of dead workers (no heartbeat for ``ADSYNC_STALLED_AFTER_SECONDS``)
     back in the queue: Procrastinate never retries them by itself. A job whose run
     still renews its lease is not dead, only paused or cut off: it is left alone.
+``adsync.remove_old_jobs`` (queue ``adsync-maintenance``, periodic, hourly)
+    Procrastinate's own clean-up of finished jobs older than
+    ``ADSYNC_JOB_RETENTION_HOURS``: nothing else ever deletes them.
 
 Why the sync task has no Procrastinate retry strategy: a retry moves the job from
 ``doing`` back to ``todo``; when a job of the same account was queued meanwhile (the
@@ -59,6 +62,7 @@ from typing import Any, Final
 import procrastinate
 import psycopg
 import structlog
+from procrastinate import builtin_tasks
 from procrastinate import exceptions as pexc
 from procrastinate.jobs import Job, Status
 from procrastinate.manager import JobManager
@@ -126,6 +130,9 @@ QUEUE_MAINTENANCE: Final = "adsync-maintenance"
 SYNC_TASK: Final = "adsync.sync_account"
 SCHEDULE_TASK: Final = "adsync.schedule"
 RECOVER_TASK: Final = "adsync.recover_stalled"
+PRUNE_TASK: Final = "adsync.remove_old_jobs"
+# Hourly, off the hour: the retention is counted in hours.
+PRUNE_CRON: Final = "17 * * * *"
 _RUNTIME_KEY: Final = "adsync"
 # Only has to be the same in every adsync process and differ from the store's
 # migration lock (…01).
@@ -167,6 +174,10 @@ class WorkerSettings(BaseSettings):
     # attempt fails (it is then resumed): campaigns synced meanwhile are not lost.
     db_patience_seconds: float = Field(
         default=300.0, validation_alias="ADSYNC_WORKER_DB_PATIENCE_SECONDS", ge=0, le=MAX_SECONDS
+    )
+    # Finished jobs (and their events) older than this are deleted, hourly.
+    job_retention_hours: int = Field(
+        default=72, validation_alias="ADSYNC_JOB_RETENTION_HOURS", ge=1, le=87_600
     )
 
     @model_validator(mode="after")
@@ -421,6 +432,14 @@ def build_app(conninfo: str, settings: WorkerSettings, *, pool_size: int = 10) -
     app.periodic(cron=recovery_cron(settings.recovery_every_seconds), periodic_id="stalled")(
         recover
     )
+    prune = app.task(
+        name=PRUNE_TASK, queue=QUEUE_MAINTENANCE, pass_context=True, queueing_lock=PRUNE_TASK
+    )(_prune_task)
+    app.periodic(
+        cron=PRUNE_CRON,
+        periodic_id="retention",
+        task_kwargs={"max_hours": settings.job_retention_hours},
+    )(prune)
     return app
 
 
@@ -1107,6 +1126,22 @@ async def _recover_task(context: procrastinate.JobContext, timestamp: int) -> di
         "skipped": result.skipped,
         "alive": result.alive,
     }
+
+
+async def _prune_task(
+    context: procrastinate.JobContext, timestamp: int, max_hours: int
+) -> dict[str, Any]:
+    # Procrastinate's own clean-up, of every finished job: nothing else deletes them,
+    # and every recovery tick and sync leaves a job and its events behind.
+    await builtin_tasks.remove_old_jobs(
+        context,
+        max_hours=max_hours,
+        remove_failed=True,
+        remove_cancelled=True,
+        remove_aborted=True,
+    )
+    log.info("removed finished jobs older than the retention", max_hours=max_hours)
+    return {"max_hours": max_hours}
 
 
 # --- health ---------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """What becomes of a sync job when its worker pauses, its run is held elsewhere, its worker
-cannot serve its account, or its account is disabled.
+cannot serve its account, or its account is disabled; and how long finished jobs stay.
 
 Real ``adsync worker`` processes on a PostgreSQL database of the test's own, the
 simulator's per-campaign sync counts as the proof that nothing ran twice.
@@ -33,10 +33,13 @@ from _workers import (
     start_worker,
     sync_ok,
 )
-from procrastinate.jobs import Status
+from procrastinate.job_context import JobContext
+from procrastinate.jobs import Job, Status
 
 from adsync.simulator.testing import running_simulator
 from adsync.worker import (
+    PRUNE_TASK,
+    QUEUE_MAINTENANCE,
     QUEUE_SYNC,
     WorkerSettings,
     build_app,
@@ -309,6 +312,76 @@ def test_an_account_disabled_while_its_job_waits_is_not_synced(tmp_path: Path, p
     assert runs == 0
     assert [j.status for j in jobs] == ["succeeded"]
     assert "account disabled" in worker.stderr
+
+
+async def test_finished_jobs_past_the_retention_are_removed_and_recent_ones_kept(
+    pg_url: str,
+) -> None:
+    conninfo = queue_conninfo(pg_url)
+    await ensure_queue_schema(conninfo)
+    settings = WorkerSettings(ADSYNC_SCHEDULE_MINUTES=0, ADSYNC_JOB_RETENTION_HOURS=48)
+    app = build_app(conninfo, settings, pool_size=3)
+
+    # Scheduled on the maintenance queue, with the retention as its argument.
+    prunes = [p for p in app.periodic_registry.periodic_tasks.values() if p.task.name == PRUNE_TASK]
+    assert len(prunes) == 1
+    prune = prunes[0]
+    assert prune.task.queue == QUEUE_MAINTENANCE
+    assert prune.configure_kwargs["task_kwargs"]["max_hours"] == 48
+
+    async with app.open_async():
+        tolerate_outages(app, stopping=asyncio.Event(), grace_seconds=1.0)
+        jobs = app.job_manager
+        worker_id = await jobs.register_worker()
+        ids = {}
+        for name, status in [
+            ("old-succeeded", Status.SUCCEEDED),
+            ("old-failed", Status.FAILED),
+            ("old-aborted", Status.ABORTED),
+            ("new-succeeded", Status.SUCCEEDED),
+            ("old-waiting", None),
+        ]:
+            ids[name] = await defer_sync(app, name)
+            if status is not None:
+                job = await jobs.fetch_job(queues=[QUEUE_SYNC], worker_id=worker_id)
+                assert job is not None
+                assert job.id == ids[name]
+                await jobs.finish_job(job, status, delete_job=False)
+        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+            await conn.execute(
+                "UPDATE procrastinate_events SET at = now() - interval '49 hours' "
+                "WHERE job_id = ANY(%s)",
+                (
+                    [
+                        ids["old-succeeded"],
+                        ids["old-failed"],
+                        ids["old-aborted"],
+                        ids["old-waiting"],
+                    ],
+                ),
+            )
+            await conn.execute(
+                "UPDATE procrastinate_events SET at = now() - interval '47 hours' "
+                "WHERE job_id = %s",
+                (ids["new-succeeded"],),
+            )
+        kwargs = prune.configure_kwargs["task_kwargs"]
+        job = Job(
+            id=None,
+            queue=QUEUE_MAINTENANCE,
+            lock=None,
+            queueing_lock=None,
+            task_name=PRUNE_TASK,
+            task_kwargs=dict(kwargs),
+        )
+        context = JobContext(
+            app=app, job=job, start_timestamp=time.time(), abort_reason=lambda: None
+        )
+        await prune.task(context, timestamp=int(time.time()), **kwargs)
+        left = {j.id for j in await jobs.list_jobs_async()}
+    # Finished for longer than the retention: gone, whatever their end. Younger, or
+    # not finished: kept.
+    assert left == {ids["new-succeeded"], ids["old-waiting"]}
 
 
 async def test_a_job_queued_again_while_its_worker_was_silent_is_left_to_its_new_worker(
