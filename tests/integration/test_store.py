@@ -533,28 +533,45 @@ def test_save_counters_stores_absolute_values(store: SqlStore) -> None:
     assert saved.counters() == RunCounters(seen=8, synced=3, requests=11, rate_limited=1)
 
 
-def test_a_live_run_is_a_running_one_whose_lease_holds(store: SqlStore) -> None:
-    assert store.live_run("acme") is None
-    run = store.claim_run("acme", OWNER, datetime.now(UTC), LEASE)
-    live = store.live_run("acme")
-    assert live is not None
-    assert (live.id, live.owner) == (run.id, OWNER)
-    assert store.live_run("other") is None
+def test_a_live_run_is_a_running_one_whose_lease_holds(database_url: str) -> None:
+    # The database's own clock (no stand-in): leases are measured from now.
+    store = SqlStore.from_url(database_url, sleep=lambda _seconds: None)
+    store.upgrade()
 
-    # Its lease ran out (its process died or lost the database): not live.
-    with store.engine.begin() as conn:
-        conn.execute(
-            sa.update(sync_runs).values(lease_until=datetime.now(UTC) - timedelta(minutes=5))
-        )
-    assert store.live_run("acme") is None
+    def put(run_id: str, status: RunStatus, lease: timedelta) -> None:
+        now = datetime.now(UTC)
+        with store.engine.begin() as conn:
+            conn.execute(sa.delete(sync_runs).where(sync_runs.c.id == run_id))
+            conn.execute(
+                sa.insert(sync_runs).values(
+                    id=run_id,
+                    client_id="acme",
+                    status=status.value,
+                    started_at=now,
+                    heartbeat_at=now,
+                    lease_until=now + lease,
+                    owner=OWNER,
+                    finished_at=None if status is RunStatus.RUNNING else now,
+                )
+            )
 
-    # Finished: not live either, whatever its lease says.
-    with store.engine.begin() as conn:
-        conn.execute(
-            sa.update(sync_runs).values(lease_until=datetime.now(UTC) + timedelta(minutes=5))
-        )
-    store.finish_run(run.id, OWNER, RunStatus.SUCCEEDED, RunCounters(), datetime.now(UTC))
-    assert store.live_run("acme") is None
+    try:
+        assert store.live_run("acme") is None
+        put("r1", RunStatus.RUNNING, timedelta(seconds=LEASE))
+        live = store.live_run("acme")
+        assert live is not None
+        assert (live.id, live.owner) == ("r1", OWNER)
+        assert store.live_run("other") is None
+
+        # Its lease ran out (its process died or lost the database): not live.
+        put("r1", RunStatus.RUNNING, timedelta(minutes=-5))
+        assert store.live_run("acme") is None
+
+        # Finished: not live either, whatever its lease says.
+        put("r1", RunStatus.SUCCEEDED, timedelta(minutes=5))
+        assert store.live_run("acme") is None
+    finally:
+        store.dispose()
 
 
 # --- checkpoint and failures ----------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any, cast
 import croniter
 import procrastinate
 import pytest
+import sqlalchemy as sa
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -29,7 +30,7 @@ from adsync.errors import (
 )
 from adsync.metrics import Metrics
 from adsync.models import RunCounters, RunStatus
-from adsync.store import SqlStore, make_owner
+from adsync.store import SqlStore, make_owner, sync_runs
 from adsync.sync import SyncOutcome
 from adsync.worker import (
     Action,
@@ -344,8 +345,19 @@ async def test_a_job_run_again_after_its_run_ended_does_not_sync_again(
     store = SqlStore.from_url(f"sqlite:///{tmp_path / 'w.db'}")
     store.upgrade()
     now = datetime.now(UTC)
-    run = store.claim_run("c0", f"{make_owner()}/job7", now, 30.0)
-    store.finish_run(run.id, run.owner, RunStatus.SUCCEEDED, RunCounters(), now)
+    with store.engine.begin() as conn:
+        conn.execute(
+            sa.insert(sync_runs).values(
+                id="r-job7",
+                client_id="c0",
+                status=RunStatus.SUCCEEDED.value,
+                started_at=now,
+                finished_at=now,
+                heartbeat_at=now,
+                lease_until=now,
+                owner=f"{make_owner()}/job7",
+            )
+        )
     metrics = Metrics()
     runtime = WorkerRuntime(
         store=store,
@@ -362,7 +374,7 @@ async def test_a_job_run_again_after_its_run_ended_does_not_sync_again(
     finally:
         await runtime.aclose()
         store.dispose()
-    assert again["run_id"] == run.id
+    assert again["run_id"] == "r-job7"
     assert "already" in again["decision"]
     assert calls == ["c0"]  # only job 8, which had no run yet
     assert other["status"] == "succeeded"
