@@ -350,6 +350,15 @@ rate_sends = sa.Table(
 # PostgreSQL SQLSTATE classes worth a retry: connection exceptions, serialization
 # failures and deadlocks, insufficient resources, server shutting down or starting up.
 _PG_TRANSIENT_SQLSTATES: Final = ("08", "40", "53", "57P", "55P03")
+# SQLite's busy and locked, and its resources running out (disk full, I/O error,
+# out of memory): an outage as PostgreSQL's class 53 is, never a campaign's fault.
+_SQLITE_TRANSIENT: Final = (
+    "SQLITE_BUSY",
+    "SQLITE_LOCKED",
+    "SQLITE_FULL",
+    "SQLITE_IOERR",
+    "SQLITE_NOMEM",
+)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -365,7 +374,7 @@ def is_transient(exc: BaseException) -> bool:
     orig = exc.orig
     sqlite_name = getattr(orig, "sqlite_errorname", None)
     if isinstance(sqlite_name, str):
-        return sqlite_name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
+        return sqlite_name.startswith(_SQLITE_TRANSIENT)
     sqlstate = getattr(orig, "sqlstate", None)
     if not isinstance(sqlstate, str):
         # No SQLSTATE: the server never answered (refused, reset, timed out), or a

@@ -38,6 +38,27 @@ def _real_sqlite_error(sql: str) -> sqlite3.Error:
     raise AssertionError("expected an error")
 
 
+def _sqlite_disk_full() -> sqlite3.Error:
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("CREATE TABLE t (x)")
+        conn.execute("PRAGMA max_page_count = 2")
+        for _ in range(100):
+            conn.execute("INSERT INTO t VALUES (?)", ("x" * 1000,))
+    except sqlite3.Error as exc:
+        return exc
+    finally:
+        conn.close()
+    raise AssertionError("expected the database to fill up")
+
+
+def _sqlite_error(name: str, message: str) -> sqlite3.Error:
+    # What the driver raises for errors a test cannot easily cause for real.
+    error = sqlite3.OperationalError(message)
+    error.sqlite_errorname = name  # type: ignore[attr-defined]
+    return error
+
+
 @pytest.mark.parametrize(
     ("error", "transient"),
     [
@@ -51,6 +72,15 @@ def _real_sqlite_error(sql: str) -> sqlite3.Error:
             _wrapped(psycopg.InterfaceError("closed"), sa.exc.InterfaceError), True, id="interface"
         ),
         pytest.param(_wrapped(sqlite3.OperationalError("database is locked")), True, id="locked"),
+        # Resources running out is an outage, as PostgreSQL's class 53 is.
+        pytest.param(_wrapped(_sqlite_disk_full()), True, id="sqlite-full"),
+        pytest.param(
+            _wrapped(_sqlite_error("SQLITE_IOERR_WRITE", "disk I/O error")), True, id="sqlite-ioerr"
+        ),
+        pytest.param(_wrapped(_sqlite_error("SQLITE_NOMEM", "out of memory")), True, id="nomem"),
+        pytest.param(
+            _wrapped(_sqlite_error("SQLITE_CORRUPT", "malformed")), False, id="sqlite-corrupt"
+        ),
         pytest.param(
             _wrapped(_real_sqlite_error("SELECT * FROM nowhere")), False, id="no-such-table"
         ),

@@ -1,0 +1,92 @@
+"""A platform stand-in for the pipeline, and what tests need around it.
+
+:class:`StandIn` takes the place of the PlatformClient: it lists the campaigns it
+is given and answers every sync call with the ``synced_at`` it is told, counting
+the calls. Tests change its campaigns (or build another) between runs, as the
+platform would change between two ``adsync sync``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+from types import SimpleNamespace
+from typing import Any, cast
+
+from adsync.client import ClientStats, PlatformClient
+from adsync.clock import Clock, SystemClock
+from adsync.models import Campaign, ListedItem, Page, SyncReceipt
+from adsync.sync import PipelineOptions, Progress, SyncJob
+
+
+def campaign(number: int, **changes: Any) -> Campaign:
+    values: dict[str, Any] = {
+        "id": f"campaign_{number}",
+        "name": f"Campaign {number}",
+        "status": "active",
+        "budget": 100.0,
+        "impressions": 1_000,
+        "clicks": 10,
+        "conversions": 1,
+        "created_at": None,
+    }
+    values.update(changes)
+    return Campaign(**values)
+
+
+class StandIn:
+    """Lists ``campaigns`` page by page; each sync call answers with ``synced_at`` (or now)."""
+
+    def __init__(
+        self,
+        campaigns: list[Campaign],
+        *,
+        synced_at: datetime | None = None,
+        delay: float = 0.002,
+    ) -> None:
+        self.campaigns = campaigns
+        self.synced_at = synced_at
+        self.delay = delay
+        self.stats = ClientStats()
+        self.auth = SimpleNamespace(refreshes=0)
+        self.budget = SimpleNamespace(waited_seconds=0.0, seconds_for=lambda _n: 0.0)
+        self.sync_calls: Counter[str] = Counter()
+
+    async def list_page(self, number: int, limit: int) -> Page:
+        self.stats.requests += 1
+        await asyncio.sleep(0)
+        start = (number - 1) * limit
+        items = tuple(ListedItem(c.id, c) for c in self.campaigns[start : start + limit])
+        return Page(number, limit, len(self.campaigns), start + limit < len(self.campaigns), items)
+
+    async def sync_campaign(self, campaign_id: str) -> SyncReceipt:
+        self.stats.requests += 1
+        await asyncio.sleep(self.delay)
+        self.sync_calls[campaign_id] += 1
+        return SyncReceipt(campaign_id, self.synced_at or datetime.now(UTC))
+
+
+def job(
+    platform: StandIn,
+    store: Any,
+    *,
+    client_id: str = "acme",
+    owner: str = "host-a:100:aaaa",
+    clock: Clock | None = None,
+    stop: asyncio.Event | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    **options: Any,
+) -> SyncJob:
+    """A SyncJob over the stand-in, as ``adsync sync`` would build it."""
+    return SyncJob(
+        cast(PlatformClient, platform),
+        store,
+        client_id=client_id,
+        owner=owner,
+        clock=clock or SystemClock(),
+        options=PipelineOptions(**{"concurrency": 4, "lease_seconds": 30.0, **options}),
+        stop=stop,
+        on_progress=on_progress,
+    )
