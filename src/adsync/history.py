@@ -64,6 +64,7 @@ _RECORD_FIELDS: Final = (
     "listing_complete",
     "resumable",
     "error",
+    "run_seq",
 )
 
 _STATUS_STYLE: Final = {

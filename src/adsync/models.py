@@ -219,6 +219,8 @@ class RunRecord:
     resumable: bool
     error: str | None
     resumed: bool = False
+    # The client's run order: a later run has a higher number (a resumed run keeps its own).
+    run_seq: int = 0
 
     def counters(self) -> RunCounters:
         """The recorded counters, to carry on from when a run is resumed."""

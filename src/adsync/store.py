@@ -248,9 +248,12 @@ sync_runs = sa.Table(
     sa.Column("listing_complete", sa.Boolean(), nullable=False, server_default=sa.false()),
     sa.Column("resumable", sa.Boolean(), nullable=False, server_default=sa.false()),
     sa.Column("error", sa.Text(), nullable=True),
+    # The client's run order (1, 2, ...): what decides which write to `campaigns` wins.
+    sa.Column("run_seq", sa.BigInteger(), nullable=False, server_default="0"),
     sa.PrimaryKeyConstraint("id", name="pk_sync_runs"),
     sa.Index("ix_sync_runs_client_id", "client_id"),
     sa.Index("ix_sync_runs_started_at", "started_at"),
+    sa.Index("uq_sync_runs_client_seq", "client_id", "run_seq", unique=True),
     sa.Index(
         "uq_sync_runs_one_running",
         "client_id",
@@ -289,6 +292,8 @@ campaigns = sa.Table(
     sa.Column("first_synced_at", UTCDateTime(), nullable=False),
     sa.Column("last_synced_at", UTCDateTime(), nullable=False),
     sa.Column("last_run_id", sa.String(36), nullable=True),
+    # The run_seq of last_run_id: a row is only overwritten by a run as late or later.
+    sa.Column("last_run_seq", sa.BigInteger(), nullable=False, server_default="0"),
     sa.PrimaryKeyConstraint("client_id", "id", name="pk_campaigns"),
 )
 
@@ -474,6 +479,8 @@ class SqlStore:
         elif read_only and not event.contains(engine, "begin", _pg_read_only_on_begin):
             event.listen(engine, "begin", _pg_read_only_on_begin)
         self._send_log: SqlSendLog | None = None
+        # run id -> run_seq; a run's number never changes, so it is looked up once.
+        self._run_seqs: dict[str, int] = {}
 
     @classmethod
     def from_url(cls, database_url: str, *, read_only: bool = False, **kw: Any) -> SqlStore:
@@ -695,6 +702,14 @@ class SqlStore:
                 raise _LostRace
             return self._read_run(conn, candidate.id, resumed=True)
 
+        # The client's runs never overlap (one running at a time, in the database),
+        # so the next number is one more than the last; a concurrent claimer taking
+        # the same number loses on the unique index and looks again.
+        seq = conn.execute(
+            sa.select(sa.func.coalesce(sa.func.max(sync_runs.c.run_seq), 0) + 1).where(
+                sync_runs.c.client_id == client_id
+            )
+        ).scalar_one()
         run_id = uuid.uuid4().hex
         try:
             conn.execute(
@@ -709,6 +724,7 @@ class SqlStore:
                     resumes=0,
                     listing_complete=False,
                     resumable=False,
+                    run_seq=seq,
                 )
             )
         except IntegrityError as exc:  # a concurrent claimer inserted first
@@ -858,9 +874,10 @@ class SqlStore:
         """Store a batch of synced campaigns in one transaction.
 
         Upserts ``campaigns`` (latest values; ``first_synced_at`` kept; never
-        overwritten by an older sync), adds one history row per campaign per run (a
-        resumed run's repeat is ignored), marks the items synced and drops their
-        earlier failure records in this run.
+        overwritten by an earlier run, whatever the platform's ``synced_at`` says:
+        runs are ordered by their ``run_seq``), adds one history row per campaign
+        per run (a resumed run's repeat is ignored), marks the items synced and
+        drops their earlier failure records in this run.
         """
         step = self._synced_step(run_id, client_id, batch)
         if step is not None:
@@ -943,10 +960,12 @@ class SqlStore:
 
         upsert = self._insert(campaigns)
         kept = ("client_id", "id", "first_synced_at")
+        # adsync's own order of runs decides, not the platform's clock (it may jump
+        # to 2099 once, or run minutes behind). Within one run the later write wins.
         upsert_campaigns = upsert.on_conflict_do_update(
             index_elements=[campaigns.c.client_id, campaigns.c.id],
             set_={c.name: upsert.excluded[c.name] for c in campaigns.c if c.name not in kept},
-            where=campaigns.c.last_synced_at <= upsert.excluded.last_synced_at,
+            where=campaigns.c.last_run_seq <= upsert.excluded.last_run_seq,
         )
         insert_snapshots = self._insert(campaign_snapshots).on_conflict_do_nothing(
             index_elements=[
@@ -971,12 +990,24 @@ class SqlStore:
         ]
 
         def write(conn: Connection) -> None:
-            conn.execute(upsert_campaigns, campaign_rows)
+            seq = self._run_seq(conn, run_id)
+            conn.execute(upsert_campaigns, [{**r, "last_run_seq": seq} for r in campaign_rows])
             conn.execute(insert_snapshots, snapshot_rows)
             conn.execute(mark_synced, item_rows)
             conn.execute(forget_failures, failure_keys)
 
         return write
+
+    def _run_seq(self, conn: Connection, run_id: str) -> int:
+        seq = self._run_seqs.get(run_id)
+        if seq is None:
+            seq = int(
+                conn.execute(
+                    sa.select(sync_runs.c.run_seq).where(sync_runs.c.id == run_id)
+                ).scalar_one()
+            )
+            self._run_seqs[run_id] = seq
+        return seq
 
     def write_failures(
         self, run_id: str, client_id: str, failures: Sequence[CampaignFailure]
@@ -1533,6 +1564,7 @@ def _record(row: Row[Any], *, resumed: bool = False) -> RunRecord:
         resumable=bool(row.resumable),
         error=row.error,
         resumed=resumed,
+        run_seq=row.run_seq,
     )
 
 

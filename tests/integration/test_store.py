@@ -120,7 +120,7 @@ def test_migrations_apply_and_are_idempotent(fresh_database_url: str) -> None:
             "sync_failures",
             "rate_sends",
         } <= tables
-        assert versions == [("0002",)]
+        assert versions == [("0003",)]
         assert diff == []
     finally:
         store.dispose()
@@ -216,13 +216,30 @@ def test_duplicates_within_one_batch_keep_the_last(store: SqlStore) -> None:
     assert store.count_snapshots() == 1
 
 
-def test_an_older_sync_never_overwrites_newer_values(store: SqlStore) -> None:
-    run = start(store)
-    store.write_synced(run.id, "acme", [synced("c1", at=T0 + timedelta(hours=1), clicks=50)])
-    store.write_synced(run.id, "acme", [synced("c1", at=T0, clicks=10)])
+def test_runs_are_ordered_by_adsync_not_by_the_platforms_clock(store: SqlStore) -> None:
+    far = datetime(2099, 1, 1, tzinfo=UTC)
+    first = start(store)
+    store.write_synced(first.id, "acme", [synced("c1", at=far, clicks=50)])
+    finish(store, first, RunStatus.INTERRUPTED)
+    # A resumed run keeps its place in the order.
+    resumed = start(store, now=T0 + timedelta(minutes=5))
+    assert (resumed.id, resumed.run_seq) == (first.id, first.run_seq)
+    finish(store, resumed)
+
+    second = start(store, now=T0 + timedelta(hours=1))
+    assert second.run_seq > first.run_seq
+    store.write_synced(second.id, "acme", [synced("c1", at=T0, clicks=10)])
     [row] = store.campaign_rows("acme")
-    assert row["clicks"] == 50
-    assert row["last_synced_at"] == T0 + timedelta(hours=1)
+    assert (row["clicks"], row["last_synced_at"], row["last_run_id"]) == (10, T0, second.id)
+    # Within one run, the later write wins too.
+    store.write_synced(second.id, "acme", [synced("c1", at=T0 - timedelta(hours=1), clicks=11)])
+    assert [r["clicks"] for r in store.campaign_rows("acme")] == [11]
+    # A write of an earlier run that arrives late changes nothing.
+    store.write_synced(first.id, "acme", [synced("c1", at=far, clicks=99)])
+    [row] = store.campaign_rows("acme")
+    assert (row["clicks"], row["last_run_id"]) == (11, second.id)
+    # Each client numbers its own runs.
+    assert start(store, client="globex").run_seq == 1
 
 
 def test_history_has_one_row_per_successful_sync(store: SqlStore) -> None:

@@ -49,6 +49,7 @@ EXPECTED_KEYS = [
     "listing_complete",
     "resumable",
     "error",
+    "run_seq",
     "duration_seconds",
     "failures",
 ]
