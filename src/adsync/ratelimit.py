@@ -26,10 +26,13 @@ Several processes may send for the same client id (a mistaken second run, a
 crashed process whose calls still count, a restart right after another run). With
 a :class:`SharedSendLog` (the ``rate_sends`` table of the database adsync already
 uses), every send is first *reserved* in the log, in a transaction serialized per
-client id, against the sends of every owner together; the log's stamp is read
-under its lock and is the very moment our own log records. Other owners' sends
-come back with each reservation and are kept beside ours (on our monotonic
-clock): they count towards the limit and the spacing. A refusal while the window
+client id, against the sends of every owner together. The log stamps sends with
+its own clock (the database's, read under its lock), never a process's wall
+clock, which may be minutes off on some host; each reservation tells the budget
+where the log's clock stands against its own monotonic clock, and the log's
+times are moved onto ours by that offset. Other owners' sends come back with
+each reservation and are kept beside ours (on our monotonic clock): they count
+towards the limit and the spacing. A refusal while the window
 held ours and theirs, as many as the limit give or take jitter, means a full
 window, not a lower limit; fewer than the limit means a lower limit, and it is
 ours and theirs together, not ours alone. A send that left much later than its
@@ -84,6 +87,12 @@ MIN_MAX_PAUSE_SECONDS = 600.0
 # How far back a shared log reports other owners' sends, in kept windows: more
 # than one, because a refusal is judged over a window plus a jitter tolerance.
 LOOKBACK_SPANS = 2
+# How many recent reservations the offset between the shared log's clock and
+# ours is taken from (the one answered quickest of them): the round trip to the
+# database was 2 ms at the median on a loaded 2-core machine, but 8 ms at p90
+# and 57 ms at p99, against a margin of a few tens of ms. Few enough that a
+# database whose clock jumps (a failover) is followed within a window or two.
+OFFSET_SAMPLES = 32
 
 
 @dataclass(slots=True)
@@ -112,7 +121,7 @@ class Send:
     """A reserved slot: when it was sent, for :meth:`RateBudget.refused`."""
 
     stamp: float
-    # Its wall-clock stamp in the shared log, when it was logged there.
+    # Its stamp in the shared log (the log's clock), when it was logged there.
     logged_at: float | None = None
 
 
@@ -138,13 +147,11 @@ class SendRequest:
     span: float
     limit: int
     spacing: float
-    # Wall-clock seconds, read once the client id's log is locked.
-    now: Callable[[], float]
 
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """A shared log's answer to one :class:`SendRequest` (wall-clock seconds)."""
+    """A shared log's answer to one :class:`SendRequest` (seconds on the log's clock)."""
 
     ok: bool
     # Our send's stamp when ``ok``; otherwise the moment the log was looked at.
@@ -177,9 +184,10 @@ class SharedSendLog(Protocol):
     ) -> list[Reservation]:
         """Apply ``changes`` to our own sends, then take ``requests``; all atomically.
 
-        For each request in order, a send is logged at its ``now()`` if all owners'
-        sends together leave room. ``now`` is read once the client id's log is
-        locked, so stamps are in the order sends were admitted. Each answer is
+        For each request in order, a send is logged at the log's own clock if all
+        owners' sends together leave room. The clock is read once the client ids'
+        logs are locked, so stamps are in the order sends were admitted, and no
+        process's clock comes into it. Each answer is
         :func:`decide_reservation` over the sends of the last
         ``LOOKBACK_SPANS * span`` (earlier requests of the batch included). Raises
         :class:`~adsync.errors.StoreError` when the log cannot be reached.
@@ -220,9 +228,13 @@ def decide_reservation(
 
 
 class InMemorySendLog:
-    """A :class:`SharedSendLog` in memory, for tests; thread-safe like the database one."""
+    """A :class:`SharedSendLog` in memory, for tests; thread-safe like the database one.
 
-    def __init__(self) -> None:
+    ``now`` is its clock (the database's, in seconds), read once per batch.
+    """
+
+    def __init__(self, now: Callable[[], float]) -> None:
+        self._now = now
         self._lock = threading.Lock()
         self._sends: dict[str, list[tuple[float, str]]] = {}
         self.reservations = 0
@@ -241,28 +253,21 @@ class InMemorySendLog:
                         del sends[i]
                     else:
                         sends[i] = (change.to, change.owner)
-            return [self._reserve(r) for r in requests]
+            at = self._now()
+            return [self._reserve(r, at) for r in requests]
 
     def reserve(
-        self,
-        client_id: str,
-        owner: str,
-        *,
-        now: Callable[[], float],
-        span: float,
-        limit: int,
-        spacing: float,
+        self, client_id: str, owner: str, *, span: float, limit: int, spacing: float
     ) -> Reservation:
         """One request on its own."""
-        return self.reserve_many([SendRequest(client_id, owner, span, limit, spacing, now)])[0]
+        return self.reserve_many([SendRequest(client_id, owner, span, limit, spacing)])[0]
 
     def sends(self, client_id: str) -> list[tuple[float, str]]:
         """The logged ``(stamp, owner)`` sends of a client id, oldest first."""
         with self._lock:
             return sorted(self._sends.get(client_id, []))
 
-    def _reserve(self, r: SendRequest) -> Reservation:
-        at = r.now()
+    def _reserve(self, r: SendRequest, at: float) -> Reservation:
         self.reservations += 1
         horizon = at - LOOKBACK_SPANS * r.span
         sends = [s for s in self._sends.get(r.client_id, []) if s[0] > horizon]
@@ -417,6 +422,10 @@ class RateBudget:
         self._log_busy_until = float("-inf")
         # The shared log failed: use only our own log until then (monotonic).
         self._log_down_until = float("-inf")
+        # The shared log's clock minus our monotonic clock, one per recent
+        # reservation, and the estimate taken from them (see _reserve).
+        self._offsets: deque[float] = deque(maxlen=OFFSET_SAMPLES)
+        self._log_offset = 0.0
         self.shared_failures = 0
 
     # -- what the budget knows -------------------------------------------------
@@ -497,7 +506,7 @@ class RateBudget:
                     break
                 if reservation.ok:
                     # The log's stamp, moved to our clock: one moment in both logs.
-                    stamp, logged_at = reservation.at - self._wall_offset(), reservation.at
+                    stamp, logged_at = reservation.at - self._log_offset, reservation.at
                     break
                 # Another process took the slot first: wait for the next one.
             self._prune(stamp)
@@ -641,9 +650,6 @@ class RateBudget:
         self._probe_at = None if whole_window_known else stamp + self.span
         return change
 
-    def _wall_offset(self) -> float:
-        return self._clock.wall() - self._clock.monotonic()
-
     async def _wait_turn(self) -> None:
         while True:
             now = self._clock.monotonic()
@@ -657,9 +663,7 @@ class RateBudget:
         """Log the send in the shared log; ``None`` when there is none to use."""
         if self._shared is None or self._clock.monotonic() < self._log_down_until:
             return None
-        request = SendRequest(
-            self._client_id, self._owner, self.span, self._limit, self.spacing, self._clock.wall
-        )
+        request = SendRequest(self._client_id, self._owner, self.span, self._limit, self.spacing)
         try:
             reservation = await self._shared.reserve(request)
         except StoreError as exc:
@@ -674,7 +678,14 @@ class RateBudget:
                 retry_in=round(self.span, 3),
             )
             return None
-        offset = self._wall_offset()
+        # The log's clock is its own (the database's, maybe another host's), not
+        # ours: where it stands against our monotonic clock is measured at each
+        # reservation, as the answer arrives. The log read its clock a round trip
+        # earlier, so each sample is too small by that trip; the largest of the
+        # recent ones is the closest. Any sample errs the safe way: others' sends
+        # land a little late on our clock and count a little longer, never shorter.
+        self._offsets.append(reservation.at - self._clock.monotonic())
+        offset = self._log_offset = max(self._offsets)
         # All the other owners' sends that still matter, as the log has them now
         # (a send they gave back is gone from it).
         self._foreign = deque(f - offset for f in reservation.foreign)

@@ -18,6 +18,12 @@ string and ``lease_until`` and keeps renewing it (:meth:`SqlStore.heartbeat`). A
 ``running`` run whose lease has expired belongs to a dead process and is taken over
 by the next claimer; a partial unique index guarantees, in the database itself, at
 most one ``running`` run per client.
+
+Leases and the shared rate log go by the database's clock, read inside the
+transaction that decides (``clock_timestamp()`` on PostgreSQL; on SQLite the
+clock of the one host that can open the file), never by the calling process's
+clock: hosts whose clocks disagree still agree on who holds a run and on when
+each send was made.
 """
 
 from __future__ import annotations
@@ -336,8 +342,8 @@ sync_failures = sa.Table(
 )
 
 # Every send to the platform by any process, for the shared rate budget. ``sent_at``
-# is wall-clock unix seconds (a double: microseconds survive), so that processes on
-# one host (or NTP-synced hosts) agree on it and it outlives a restart.
+# is unix seconds on the database's clock (a double: microseconds survive), so that
+# processes agree on it whatever their own clocks say, and it outlives a restart.
 rate_sends = sa.Table(
     "rate_sends",
     metadata,
@@ -389,6 +395,10 @@ def is_transient(exc: BaseException) -> bool:
     return sqlstate.startswith(_PG_TRANSIENT_SQLSTATES)
 
 
+# The database's clock as it is now (not the transaction's start).
+_PG_CLOCK: Final = sa.select(sa.func.clock_timestamp(type_=sa.DateTime(timezone=True)))
+
+
 class _LostRace(Exception):
     """Another claimer changed the run between our read and our write: look again."""
 
@@ -405,13 +415,12 @@ class Store(Protocol):
         self,
         client_id: str,
         owner: str,
-        now: datetime,
         lease_seconds: float,
         *,
         owner_is_dead: Callable[[str], bool] | None = None,
     ) -> RunRecord: ...
 
-    def heartbeat(self, run_id: str, owner: str, now: datetime, lease_seconds: float) -> bool: ...
+    def heartbeat(self, run_id: str, owner: str, lease_seconds: float) -> bool: ...
 
     def record_listed(self, run_id: str, client_id: str, campaign_ids: Sequence[str]) -> None: ...
 
@@ -429,13 +438,12 @@ class Store(Protocol):
 
     def save_counters(self, run_id: str, counters: RunCounters) -> None: ...
 
-    def finish_run(  # noqa: PLR0917 - the signature the pipeline was built against
+    def finish_run(
         self,
         run_id: str,
         owner: str,
         status: RunStatus,
         counters: RunCounters,
-        now: datetime,
         error: str | None = None,
         *,
         resumable: bool | None = None,
@@ -459,9 +467,10 @@ class SqlStore:
         retry_wait: float = 0.5,
         retry_wait_max: float = 10.0,
         sleep: Callable[[float], None] = time.sleep,
-        now: Callable[[], datetime] = _utcnow,
+        now: Callable[[], datetime] | None = None,
         read_only: bool = False,
     ) -> None:
+        """``now`` stands in for the database's clock (tests); see :meth:`_db_now`."""
         if engine.dialect.name not in ("sqlite", "postgresql"):
             raise StoreError(
                 f"unsupported database {engine.dialect.name!r}: use SQLite or PostgreSQL"
@@ -471,7 +480,9 @@ class SqlStore:
         self._wait = retry_wait
         self._wait_max = retry_wait_max
         self._sleep = sleep
-        self._now = now
+        self._clock = now
+        # Stamps that only record when something happened (not decisions).
+        self._now = now or _utcnow
         self._sqlite = engine.dialect.name == "sqlite"
         self.read_only = read_only
         if self._sqlite:
@@ -535,6 +546,20 @@ class SqlStore:
             self._send_log = SqlSendLog(self)
         return self._send_log
 
+    def _db_now(self, conn: Connection) -> datetime:
+        """The database's clock, read in the transaction that acts on it.
+
+        PostgreSQL's ``clock_timestamp()`` (the time now, not the transaction's
+        start: a claim may have waited for a lock); on SQLite the host's clock, the
+        one clock of every process that can open the file.
+        """
+        if self._clock is not None:
+            return self._clock()
+        if self._sqlite:
+            return _utcnow()
+        value: datetime = conn.execute(_PG_CLOCK).scalar_one()
+        return value.astimezone(UTC)
+
     # --- schema -----------------------------------------------------------------------
 
     def upgrade(self) -> None:
@@ -592,7 +617,6 @@ class SqlStore:
         self,
         client_id: str,
         owner: str,
-        now: datetime,
         lease_seconds: float,
         *,
         owner_is_dead: Callable[[str], bool] | None = None,
@@ -606,16 +630,16 @@ class SqlStore:
         Resumes, in this order: a ``running`` run whose lease expired (its process
         died), then the latest run finished as resumable (``interrupted``, or
         ``failed`` with ``resumable=True``). Raises :class:`RunLocked` while another
-        owner holds a live lease. Every takeover is a compare-and-set, and the
+        owner holds a live lease. The lease's times are the database's
+        (:meth:`_db_now`). Every takeover is a compare-and-set, and the
         one-running-run index settles concurrent inserts, so exactly one claimer wins.
         """
-        lease_until = now + timedelta(seconds=lease_seconds)
         for _ in range(_CLAIM_ROUNDS):
             try:
                 return self._transaction(
                     "claim_run",
                     lambda conn: self._claim_once(
-                        conn, client_id, owner, now, lease_until, owner_is_dead
+                        conn, client_id, owner, lease_seconds, owner_is_dead
                     ),
                     write=True,
                 )
@@ -626,15 +650,16 @@ class SqlStore:
             "other processes kept claiming it at the same time"
         )
 
-    def _claim_once(  # noqa: PLR0917 - private, called from one place
+    def _claim_once(
         self,
         conn: Connection,
         client_id: str,
         owner: str,
-        now: datetime,
-        lease_until: datetime,
+        lease_seconds: float,
         owner_is_dead: Callable[[str], bool] | None,
     ) -> RunRecord:
+        now = self._db_now(conn)
+        lease_until = now + timedelta(seconds=lease_seconds)
         running = conn.execute(
             sa.select(sync_runs).where(
                 sync_runs.c.client_id == client_id,
@@ -731,10 +756,14 @@ class SqlStore:
             raise _LostRace from exc
         return self._read_run(conn, run_id, resumed=False)
 
-    def heartbeat(self, run_id: str, owner: str, now: datetime, lease_seconds: float) -> bool:
-        """Extend the lease; False when the run is no longer ours (taken over or finished)."""
+    def heartbeat(self, run_id: str, owner: str, lease_seconds: float) -> bool:
+        """Extend the lease; False when the run is no longer ours (taken over or finished).
+
+        The lease runs from the database's clock.
+        """
 
         def beat(conn: Connection) -> bool:
+            now = self._db_now(conn)
             result = conn.execute(
                 sa.update(sync_runs)
                 .where(
@@ -758,18 +787,17 @@ class SqlStore:
         )
         return lambda conn: conn.execute(statement)
 
-    def finish_run(  # noqa: PLR0917 - the signature the pipeline was built against
+    def finish_run(
         self,
         run_id: str,
         owner: str,
         status: RunStatus,
         counters: RunCounters,
-        now: datetime,
         error: str | None = None,
         *,
         resumable: bool | None = None,
     ) -> None:
-        """Close the run with its final status and counters.
+        """Close the run with its final status and counters, at the database's time.
 
         ``resumable`` (default: True only for ``interrupted``) marks a run that the
         next :meth:`claim_run` for the client takes over instead of starting afresh;
@@ -782,6 +810,7 @@ class SqlStore:
         keep = status is RunStatus.INTERRUPTED if resumable is None else resumable
 
         def finish(conn: Connection) -> None:
+            now = self._db_now(conn)
             result = conn.execute(
                 sa.update(sync_runs)
                 .where(
@@ -1314,8 +1343,10 @@ class SqlSendLog:
     A batch of reservations is one write transaction: on PostgreSQL it first takes
     transaction-scoped advisory locks on its client ids (other client ids go on in
     parallel); on SQLite ``BEGIN IMMEDIATE`` has already taken the database's one
-    write lock. Only then is the clock read, the windows read, and the sends
-    inserted, so no two processes can both take the last slot. About once a window,
+    write lock. Only then is the clock read (the database's, once per batch: see
+    :meth:`SqlStore._db_now`), the windows read, and the sends inserted, so no two
+    processes can both take the last slot, and every send of a client id is
+    stamped after the ones before it, whatever the clocks of the hosts. About once a window,
     a batch also deletes its client ids' rows older than the log reports (an index
     range scan), so the table stays a few windows deep.
     """
@@ -1323,7 +1354,7 @@ class SqlSendLog:
     def __init__(self, store: SqlStore) -> None:
         self._store = store
         self._postgres = store.engine.dialect.name == "postgresql"
-        # When each client id's old rows were last swept (wall seconds).
+        # When each client id's old rows were last swept (the log's clock).
         self._swept: dict[str, float] = {}
 
     def reserve_many(
@@ -1356,20 +1387,20 @@ class SqlSendLog:
             if not requests:
                 return []
             lookback = max(LOOKBACK_SPANS * r.span for r in requests)
-            first = requests[0].now()
-            due = [c for c in client_ids if first - self._swept.get(c, float("-inf")) >= lookback]
+            # Read under the locks: one moment for the whole batch.
+            at = self._store._db_now(conn).timestamp()
+            due = [c for c in client_ids if at - self._swept.get(c, float("-inf")) >= lookback]
             if due:
-                before = first - lookback - max(r.span for r in requests)
+                before = at - lookback - max(r.span for r in requests)
                 conn.execute(_RATE_SWEEP, {"client_ids": due, "before": before})
-                self._swept.update(dict.fromkeys(due, first))
+                self._swept.update(dict.fromkeys(due, at))
             sends: dict[str, list[tuple[float, str]]] = {c: [] for c in client_ids}
             for row in conn.execute(
-                _RATE_WINDOW, {"client_ids": client_ids, "after": first - lookback}
+                _RATE_WINDOW, {"client_ids": client_ids, "after": at - lookback}
             ):
                 sends[row.client_id].append((row.sent_at, row.owner))
             answers, rows = [], []
             for r in requests:
-                at = r.now()
                 horizon = at - LOOKBACK_SPANS * r.span
                 decision = decide_reservation(
                     [s for s in sends[r.client_id] if s[0] > horizon],
@@ -1391,17 +1422,10 @@ class SqlSendLog:
         return self._store._transaction("reserve_sends", reserve, write=True)
 
     def reserve(
-        self,
-        client_id: str,
-        owner: str,
-        *,
-        now: Callable[[], float],
-        span: float,
-        limit: int,
-        spacing: float,
+        self, client_id: str, owner: str, *, span: float, limit: int, spacing: float
     ) -> Reservation:
         """One request on its own (see :meth:`reserve_many`)."""
-        return self.reserve_many([SendRequest(client_id, owner, span, limit, spacing, now)])[0]
+        return self.reserve_many([SendRequest(client_id, owner, span, limit, spacing)])[0]
 
     def forget(self, client_id: str, owner: str, sent_at: float) -> None:
         """Delete one of our sends that the platform did not count (a 429, a 401)."""

@@ -41,7 +41,6 @@ from adsync.models import (
     SyncedCampaign,
 )
 from adsync.pagination import Accepted, Listing
-from adsync.retry import utcnow
 from adsync.store import local_owner_is_dead
 
 if TYPE_CHECKING:
@@ -231,7 +230,6 @@ class SyncJob:
             store.claim_run,
             self._client_id,
             self._owner,
-            utcnow(self._clock),
             self._opt.lease_seconds,
             owner_is_dead=local_owner_is_dead,
         )
@@ -570,11 +568,7 @@ class SyncJob:
             asked = self._clock.monotonic()
             try:
                 ok = await asyncio.to_thread(
-                    self._store.heartbeat,
-                    self._run_id,
-                    self._owner,
-                    utcnow(self._clock),
-                    self._opt.lease_seconds,
+                    self._store.heartbeat, self._run_id, self._owner, self._opt.lease_seconds
                 )
             except StoreError as exc:
                 if self._clock.monotonic() + every < renewed + self._opt.lease_seconds:
@@ -627,7 +621,6 @@ class SyncJob:
                 self._owner,
                 status,
                 counters,
-                utcnow(self._clock),
                 error,
                 # A failed run keeps its checkpoint: the next run for the client resumes
                 # it and spends no quota again on the campaigns it already synced.

@@ -9,6 +9,7 @@ platform would change between two ``adsync sync``.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -90,3 +91,24 @@ def job(
         stop=stop,
         on_progress=on_progress,
     )
+
+
+class SkewedClock:
+    """The system clock with a wall clock ``skew`` seconds off, as on a badly set host.
+
+    Monotonic time and sleeping are the real ones: only ``wall()`` is wrong, as with
+    ``faketime`` and a monotonic clock left alone.
+    """
+
+    def __init__(self, skew: float) -> None:
+        self._real = SystemClock()
+        self.skew = skew
+
+    def monotonic(self) -> float:
+        return self._real.monotonic()
+
+    def wall(self) -> float:
+        return time.time() + self.skew
+
+    async def sleep(self, seconds: float) -> None:
+        await self._real.sleep(seconds)

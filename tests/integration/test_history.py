@@ -19,11 +19,19 @@ from typing import Any
 import pytest
 import typer
 import typer.main
+from _dbclock import DbClock
 from click.testing import Result
 from typer.testing import CliRunner
 
 from adsync.cli_history import register
-from adsync.models import Campaign, CampaignFailure, RunCounters, RunStatus, SyncedCampaign
+from adsync.models import (
+    Campaign,
+    CampaignFailure,
+    RunCounters,
+    RunRecord,
+    RunStatus,
+    SyncedCampaign,
+)
 from adsync.store import SqlStore
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -71,44 +79,60 @@ def reason(i: int) -> str:
     return f"sync endpoint answered 500 for c-{i} after 8 attempts"
 
 
+# The database's clock while the history is written: each step sets it.
+DB_CLOCK = DbClock(T0)
+
+
 def open_test_store(url: str) -> SqlStore:
-    store = SqlStore.from_url(url, sleep=lambda _s: None, now=lambda: T0)
+    DB_CLOCK.at = T0
+    store = SqlStore.from_url(url, sleep=lambda _s: None, now=DB_CLOCK)
     store.upgrade()
     return store
+
+
+def claim(store: SqlStore, client_id: str, now: datetime) -> RunRecord:
+    DB_CLOCK.at = now
+    return store.claim_run(client_id, OWNER, LEASE)
+
+
+def finish(store: SqlStore, run_id: str, now: datetime, *args: Any, **kw: Any) -> None:
+    """``store.finish_run(run_id, OWNER, *args, **kw)`` at ``now``."""
+    DB_CLOCK.at = now
+    store.finish_run(run_id, OWNER, *args, **kw)
 
 
 @pytest.fixture
 def history(database_url: str) -> History:
     store = open_test_store(database_url)
     try:
-        older = store.claim_run("acme", OWNER, T0, LEASE)
+        older = claim(store, "acme", T0)
         store.write_synced(older.id, "acme", synced("c-a", "c-b", "c-c", at=T0))
-        store.finish_run(
+        finish(
+            store,
             older.id,
-            OWNER,
+            T0 + timedelta(seconds=65),
             RunStatus.SUCCEEDED,
             RunCounters(seen=3, synced=3, requests=5, pages=1),
-            T0 + timedelta(seconds=65),
         )
 
         t1 = T0 + timedelta(minutes=10)
-        failed = store.claim_run("globex", OWNER, t1, LEASE)
-        store.finish_run(
+        failed = claim(store, "globex", t1)
+        finish(
+            store,
             failed.id,
-            OWNER,
+            t1 + timedelta(seconds=3),
             RunStatus.FAILED,
             RunCounters(requests=9, retries=8),
-            t1 + timedelta(seconds=3),
             "platform unreachable after 8 attempts",
             resumable=True,
         )
 
         t2 = T0 + timedelta(hours=1)
-        newer = store.claim_run("acme", OWNER, t2, LEASE)
+        newer = claim(store, "acme", t2)
         store.record_listed(newer.id, "acme", [f"c-{i}" for i in range(10)])
         store.write_synced(newer.id, "acme", synced("c-8", at=t2))
-        store.finish_run(newer.id, OWNER, RunStatus.INTERRUPTED, RunCounters(seen=10, synced=1), t2)
-        resumed = store.claim_run("acme", OWNER, t2 + timedelta(seconds=40), LEASE)
+        finish(store, newer.id, t2, RunStatus.INTERRUPTED, RunCounters(seen=10, synced=1))
+        resumed = claim(store, "acme", t2 + timedelta(seconds=40))
         assert resumed.id == newer.id  # the interrupted run is taken over, not restarted
         store.write_synced(newer.id, "acme", synced("c-9", at=t2))
         store.write_failures(
@@ -117,15 +141,15 @@ def history(database_url: str) -> History:
             [CampaignFailure(f"c-{i}", reason(i), "sync") for i in range(7)]
             + [CampaignFailure("", "id: field required", "payload")],
         )
-        store.finish_run(
+        finish(
+            store,
             newer.id,
-            OWNER,
+            t2 + timedelta(minutes=5),
             RunStatus.PARTIAL,
             RunCounters(seen=11, synced=2, failed=8, requests=30, retries=6, rate_limited=2),
-            t2 + timedelta(minutes=5),
         )
 
-        running = store.claim_run("initech", OWNER, T0 + timedelta(hours=2), LEASE)
+        running = claim(store, "initech", T0 + timedelta(hours=2))
     finally:
         store.dispose()
     return History(database_url, older.id, newer.id, failed.id, running.id)
@@ -270,8 +294,8 @@ def test_runs_show_of_an_ambiguous_prefix_is_exit_1(database_url: str) -> None:
         # Run ids are random hex: among 17 runs two must share a first character.
         for i in range(17):
             at = T0 + timedelta(minutes=i)
-            run = store.claim_run("bulk", OWNER, at, LEASE)
-            store.finish_run(run.id, OWNER, RunStatus.SUCCEEDED, RunCounters(), at)
+            run = claim(store, "bulk", at)
+            finish(store, run.id, at, RunStatus.SUCCEEDED, RunCounters())
             if run.id[0] in seen:
                 break
             seen[run.id[0]] = run.id
@@ -295,7 +319,7 @@ def test_database_url_comes_from_a_dotenv_file(
     url = f"sqlite:///{tmp_path / 'from-dotenv.db'}"
     store = open_test_store(url)
     try:
-        run = store.claim_run("dotenv", OWNER, T0, LEASE)
+        run = claim(store, "dotenv", T0)
     finally:
         store.dispose()
     (tmp_path / ".env").write_text(f"DATABASE_URL={url}\n")

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,6 @@ from adsync.errors import StoreError
 from adsync.models import RunCounters, RunStatus
 from adsync.store import MIGRATIONS_DIR, SqlStore
 
-T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 OWNER = "host-a:100:aaaa"
 
 
@@ -62,8 +60,8 @@ def with_one_run(url: str) -> str:
     store = SqlStore.from_url(url, sleep=lambda _s: None)
     store.upgrade()
     try:
-        run = store.claim_run("acme", OWNER, T0, 30.0)
-        store.finish_run(run.id, OWNER, RunStatus.SUCCEEDED, RunCounters(seen=3, synced=3), T0)
+        run = store.claim_run("acme", OWNER, 30.0)
+        store.finish_run(run.id, OWNER, RunStatus.SUCCEEDED, RunCounters(seen=3, synced=3))
     finally:
         store.dispose()
     return run.id
@@ -169,7 +167,7 @@ def test_a_read_only_store_refuses_to_write(database_url: str) -> None:
     try:
         assert [r.client_id for r in store.recent_runs()] == ["acme"]
         with pytest.raises(StoreError, match=r"(?i)read.?only"):
-            store.claim_run("globex", OWNER, T0, 30.0)
+            store.claim_run("globex", OWNER, 30.0)
     finally:
         store.dispose()
 

@@ -120,7 +120,7 @@ def test_an_existing_database_is_carried_over(fresh_database_url: str) -> None:
         [row] = store.campaign_rows("acme")
         assert row["last_run_seq"] == 2
         # The next run comes after them, and its write wins over the 2099 row.
-        run = store.claim_run("acme", "host:2:y", datetime.now(UTC), 30)
+        run = store.claim_run("acme", "host:2:y", 30)
         assert run.run_seq == 3
         store.write_synced(
             run.id, "acme", [SyncedCampaign(campaign(1, name="New name"), datetime.now(UTC))]

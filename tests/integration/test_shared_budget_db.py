@@ -1,7 +1,8 @@
 """The rate budget shared across processes, in SQLite and PostgreSQL.
 
-The log's rules on a controlled clock, threads racing for the last slot, and two
-real processes sending for one client id at once against the simulator.
+The log's rules on a controlled clock (standing in for the database's), threads
+racing for the last slot on the real one, and two real processes sending for one
+client id at once against the simulator, with and without a skewed clock.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from _dbclock import DbClock
 from _proc import child_env, platform_env
 
 from adsync.simulator.testing import SimulatorHandle, running_simulator
@@ -28,8 +31,25 @@ T0 = 1_700_000_000.123456
 SPAN = 10.0
 
 
-def at(t: float) -> Any:
-    return lambda: t
+# The database's clock for the log's rules: each reservation says what time it is.
+DB_CLOCK = DbClock(datetime.fromtimestamp(T0, UTC))
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[SqlStore]:
+    """The shared ``store`` fixture, on the clock the tests set."""
+    sql_store = SqlStore.from_url(database_url, sleep=lambda _seconds: None, now=DB_CLOCK)
+    sql_store.upgrade()
+    try:
+        yield sql_store
+    finally:
+        sql_store.dispose()
+
+
+def reserve_at(log: SqlSendLog, t: float, client_id: str, owner: str, **kw: Any) -> Any:
+    """``log.reserve(...)`` with the database's clock at ``t``."""
+    DB_CLOCK.at = datetime.fromtimestamp(t, UTC)
+    return log.reserve(client_id, owner, **kw)
 
 
 def in_any_window(stamps: list[float], span: float) -> int:
@@ -45,7 +65,7 @@ def test_reserve_counts_every_owner_against_limit_and_spacing(store: SqlStore) -
     log = store.send_log()
 
     def reserve(owner: str, t: float, client_id: str = "acme") -> Any:
-        return log.reserve(client_id, owner, now=at(t), span=SPAN, limit=3, spacing=0.5)
+        return reserve_at(log, t, client_id, owner, span=SPAN, limit=3, spacing=0.5)
 
     first = reserve("a", T0)
     assert (first.ok, first.at, first.foreign) == (True, T0, ())
@@ -69,8 +89,8 @@ def test_reserve_counts_every_owner_against_limit_and_spacing(store: SqlStore) -
 
 def test_forget_touches_only_the_owners_own_send(store: SqlStore) -> None:
     log = store.send_log()
-    assert log.reserve("acme", "a", now=at(T0), span=SPAN, limit=5, spacing=0.0).ok
-    assert log.reserve("acme", "b", now=at(T0 + 1), span=SPAN, limit=5, spacing=0.0).ok
+    assert reserve_at(log, T0, "acme", "a", span=SPAN, limit=5, spacing=0.0).ok
+    assert reserve_at(log, T0 + 1, "acme", "b", span=SPAN, limit=5, spacing=0.0).ok
     log.forget("acme", "b", T0)  # not b's send
     log.forget("acme", "a", T0 + 1)  # not a's send
     assert len(log.sends("acme")) == 2
@@ -80,32 +100,33 @@ def test_forget_touches_only_the_owners_own_send(store: SqlStore) -> None:
 
 def test_restamp_moves_only_the_owners_own_send(store: SqlStore) -> None:
     log = store.send_log()
-    assert log.reserve("acme", "a", now=at(T0), span=SPAN, limit=5, spacing=0.0).ok
+    assert reserve_at(log, T0, "acme", "a", span=SPAN, limit=5, spacing=0.0).ok
     log.restamp("acme", "b", T0, T0 + 0.25)  # not b's send
     assert log.sends("acme") == [(T0, "a")]
     log.restamp("acme", "a", T0, T0 + 0.25)
     assert log.sends("acme") == [(T0 + 0.25, "a")]
     # Others now count it from when it left.
-    late = log.reserve("acme", "b", now=at(T0 + SPAN + 0.1), span=SPAN, limit=1, spacing=0.0)
+    late = reserve_at(log, T0 + SPAN + 0.1, "acme", "b", span=SPAN, limit=1, spacing=0.0)
     assert (late.ok, late.retry_at) == (False, T0 + 0.25 + SPAN)
 
 
 def test_old_sends_are_swept_and_others_kept(store: SqlStore) -> None:
     log = store.send_log()
     for t in (T0, T0 + 1):
-        assert log.reserve("acme", "a", now=at(t), span=SPAN, limit=5, spacing=0.0).ok
-    assert log.reserve("other", "a", now=at(T0), span=SPAN, limit=5, spacing=0.0).ok
+        assert reserve_at(log, t, "acme", "a", span=SPAN, limit=5, spacing=0.0).ok
+    assert reserve_at(log, T0, "other", "a", span=SPAN, limit=5, spacing=0.0).ok
     # Much later, a fresh log (a new process) reserves: acme's old rows go.
-    later = SqlSendLog(store).reserve(
-        "acme", "b", now=at(T0 + 100), span=SPAN, limit=5, spacing=0.0
-    )
+    later = reserve_at(SqlSendLog(store), T0 + 100, "acme", "b", span=SPAN, limit=5, spacing=0.0)
     assert (later.ok, later.foreign) == (True, ())
     assert log.sends("acme") == [(T0 + 100, "b")]
     assert log.sends("other") == [(T0, "a")]
 
 
-def test_racing_threads_never_exceed_the_limit_or_the_spacing(store: SqlStore) -> None:
-    log = store.send_log()
+def test_racing_threads_never_exceed_the_limit_or_the_spacing(database_url: str) -> None:
+    # On the database's real clock.
+    real = SqlStore.from_url(database_url)
+    real.upgrade()
+    log = real.send_log()
     span, limit, spacing, seconds = 0.25, 5, 0.005, 1.0
     accepted: list[float] = []
     refused = 0
@@ -115,7 +136,7 @@ def test_racing_threads_never_exceed_the_limit_or_the_spacing(store: SqlStore) -
     def race(owner: str) -> None:
         nonlocal refused
         while time.time() < stop_at:
-            r = log.reserve("race", owner, now=time.time, span=span, limit=limit, spacing=spacing)
+            r = log.reserve("race", owner, span=span, limit=limit, spacing=spacing)
             with lock:
                 if r.ok:
                     accepted.append(r.at)
@@ -127,6 +148,7 @@ def test_racing_threads_never_exceed_the_limit_or_the_spacing(store: SqlStore) -
         t.start()
     for t in threads:
         t.join(30)
+    real.dispose()
     accepted.sort()
     assert refused > len(accepted)  # they really did race for the slots
     assert in_any_window(accepted, span) == limit
@@ -171,16 +193,23 @@ def simulator() -> Iterator[SimulatorHandle]:
 
 
 def two_processes_at_once(
-    sim: SimulatorHandle, database_url: str, tmp_path: Path, **env: str
+    sim: SimulatorHandle,
+    database_url: str,
+    tmp_path: Path,
+    skews: tuple[float, float] = (0.0, 0.0),
+    **env: str,
 ) -> tuple[dict[str, Any], list[dict[str, int]]]:
-    """Two hammers for one client id, let go at the same moment; the platform's and their stats."""
+    """Two hammers for one client id, let go at the same moment; the platform's and their stats.
+
+    ``skews``: how far off each process's wall clock is, in seconds.
+    """
     environment = child_env(platform_env(sim, database_url, **env))
     procs = []
-    for i in range(2):
+    for i, skew in enumerate(skews):
         with (tmp_path / f"hammer-{i}.err").open("wb") as err:
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, str(HAMMER), str(SECONDS), str(WORKERS)],
+                    [sys.executable, str(HAMMER), str(SECONDS), str(WORKERS), str(skew)],
                     env=environment,
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
@@ -225,6 +254,22 @@ def test_two_processes_syncing_one_client_id_stay_within_the_window_together(
     assert stats["requests"] >= LIMIT * windows * 0.8
     # ... and both of them sent, each a fair part of it.
     assert min(r["requests"] for r in results) >= stats["requests"] * 0.25
+
+
+@pytest.mark.parametrize("skew", [120.0, -30.0])
+def test_a_process_with_a_skewed_clock_neither_stalls_the_other_nor_causes_a_429(
+    simulator: SimulatorHandle, store: SqlStore, database_url: str, tmp_path: Path, skew: float
+) -> None:
+    # One host's clock is minutes ahead or half a minute behind: the shared log's
+    # times are the database's, so the two still take turns as if it were not.
+    stats, results = two_processes_at_once(simulator, database_url, tmp_path, skews=(0.0, skew))
+    assert stats["max_in_window"] <= LIMIT
+    assert stats["rate_limited"] == 0
+    assert sum(r["rate_limited"] for r in results) == 0
+    assert all(r["shared_failures"] == 0 for r in results)
+    # Neither waited for sends it took to be in the future (or the past).
+    assert stats["requests"] >= LIMIT * (SECONDS / WINDOW) * 0.8
+    assert min(r["requests"] for r in results) >= stats["requests"] * 0.25, results
 
 
 def test_without_the_shared_budget_the_same_two_processes_are_refused(

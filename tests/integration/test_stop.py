@@ -253,7 +253,7 @@ def _take_over(database_url: str, run_id: str, owner: str) -> float:
                     {"past": past, "id": run_id},
                 )
             try:
-                taken = store.claim_run(CLIENT, owner, datetime.now(UTC), 30.0)
+                taken = store.claim_run(CLIENT, owner, 30.0)
             except RunLocked:
                 continue  # its heartbeat renewed the lease just then
             assert (taken.id, taken.owner) == (run_id, owner)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import itertools
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
 import pytest
 import sqlalchemy as sa
+from _dbclock import DbClock
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from hypothesis import HealthCheck, given, settings
@@ -64,15 +65,55 @@ def synced(cid: str, at: datetime = T0, **changes: Any) -> SyncedCampaign:
     return SyncedCampaign(campaign=campaign(cid, **changes), synced_at=at)
 
 
+# The database's clock in these tests: each call below says what time it is.
+DB_CLOCK = DbClock(T0)
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[SqlStore]:
+    """The shared ``store`` fixture, on the clock the tests set."""
+    DB_CLOCK.at = T0
+    sql_store = SqlStore.from_url(database_url, sleep=lambda _seconds: None, now=DB_CLOCK)
+    sql_store.upgrade()
+    try:
+        yield sql_store
+    finally:
+        sql_store.dispose()
+
+
+def claim(store: SqlStore, client: str, owner: str, now: datetime) -> RunRecord:
+    DB_CLOCK.at = now
+    return store.claim_run(client, owner, LEASE)
+
+
+def beat(store: SqlStore, run_id: str, owner: str, now: datetime) -> bool:
+    DB_CLOCK.at = now
+    return store.heartbeat(run_id, owner, LEASE)
+
+
+def finish_at(  # noqa: PLR0917 - finish_run's arguments and the time
+    store: SqlStore,
+    run_id: str,
+    owner: str,
+    status: RunStatus,
+    counters: RunCounters,
+    now: datetime,
+    error: str | None = None,
+    **kw: bool,
+) -> None:
+    DB_CLOCK.at = now
+    store.finish_run(run_id, owner, status, counters, error, **kw)
+
+
 def start(
     store: SqlStore, client: str = "acme", owner: str = OWNER, now: datetime = T0
 ) -> RunRecord:
-    return store.claim_run(client, owner, now, LEASE)
+    return claim(store, client, owner, now)
 
 
 def finish(store: SqlStore, run: RunRecord, status: RunStatus = RunStatus.SUCCEEDED) -> None:
-    store.finish_run(
-        run.id, run.owner, status, RunCounters(), run.started_at + timedelta(minutes=1)
+    finish_at(
+        store, run.id, run.owner, status, RunCounters(), run.started_at + timedelta(minutes=1)
     )
 
 
@@ -341,7 +382,8 @@ def test_arbitrary_values_round_trip(
 
 def _shared_run(store: SqlStore) -> RunRecord:
     # Every example of one test run shares the client's single running run.
-    return store.claim_run("prop", OWNER, T0, 3600)
+    DB_CLOCK.at = T0
+    return store.claim_run("prop", OWNER, 3600)
 
 
 # --- claiming, leases, resume ----------------------------------------------------------
@@ -398,15 +440,16 @@ def test_dead_lease_is_taken_over(store: SqlStore) -> None:
     assert taken.counters() == RunCounters(seen=2, synced=1, requests=7)
     assert store.checkpoint(run.id).synced == {"c1"}
     # The old owner, if it was only slow, finds out and must not finish the run.
-    assert store.heartbeat(run.id, OWNER, later, LEASE) is False
+    assert beat(store, run.id, OWNER, later) is False
     with pytest.raises(RunLocked):
-        store.finish_run(run.id, OWNER, RunStatus.SUCCEEDED, RunCounters(), later)
-    assert store.heartbeat(run.id, OTHER, later, LEASE) is True
+        finish_at(store, run.id, OWNER, RunStatus.SUCCEEDED, RunCounters(), later)
+    assert beat(store, run.id, OTHER, later) is True
 
 
 def test_interrupted_run_is_resumed(store: SqlStore) -> None:
     run = start(store)
-    store.finish_run(
+    finish_at(
+        store,
         run.id,
         OWNER,
         RunStatus.INTERRUPTED,
@@ -444,7 +487,8 @@ def test_only_resumable_finished_runs_are_resumed(store: SqlStore) -> None:
     after_failure = start(store, now=T0 + timedelta(hours=2))
     assert after_failure.id not in {done.id, after_success.id}
 
-    store.finish_run(
+    finish_at(
+        store,
         after_failure.id,
         OWNER,
         RunStatus.FAILED,
@@ -461,8 +505,8 @@ def test_only_resumable_finished_runs_are_resumed(store: SqlStore) -> None:
 def test_concurrent_new_claims_have_exactly_one_winner(store: SqlStore) -> None:
     for client in ("c-a", "c-b", "c-c"):
         won, lost = race(
-            lambda c=client: store.claim_run(c, OWNER, T0, LEASE),
-            lambda c=client: store.claim_run(c, OTHER, T0, LEASE),
+            lambda c=client: claim(store, c, OWNER, T0),
+            lambda c=client: claim(store, c, OTHER, T0),
         )
         assert len(won) == 1, lost
         assert len(lost) == 1
@@ -474,8 +518,8 @@ def test_concurrent_takeovers_have_exactly_one_winner(store: SqlStore) -> None:
     dead = start(store)
     later = T0 + timedelta(seconds=LEASE + 5)
     won, lost = race(
-        lambda: store.claim_run("acme", OTHER, later, LEASE),
-        lambda: store.claim_run("acme", "host-c:300:cccc", later, LEASE),
+        lambda: claim(store, "acme", OTHER, later),
+        lambda: claim(store, "acme", "host-c:300:cccc", later),
     )
     assert len(won) == 1, lost
     assert isinstance(lost[0], RunLocked)
@@ -489,8 +533,8 @@ def test_concurrent_resumes_of_an_interrupted_run_have_one_winner(store: SqlStor
     finish(store, run, RunStatus.INTERRUPTED)
     later = T0 + timedelta(hours=1)
     won, lost = race(
-        lambda: store.claim_run("acme", OTHER, later, LEASE),
-        lambda: store.claim_run("acme", "host-c:300:cccc", later, LEASE),
+        lambda: claim(store, "acme", OTHER, later),
+        lambda: claim(store, "acme", "host-c:300:cccc", later),
     )
     assert len(won) == 1, lost
     assert isinstance(lost[0], RunLocked)
@@ -503,32 +547,32 @@ def test_concurrent_resumes_of_an_interrupted_run_have_one_winner(store: SqlStor
 def test_heartbeat_extends_the_lease(store: SqlStore) -> None:
     run = start(store)
     later = T0 + timedelta(seconds=20)
-    assert store.heartbeat(run.id, OWNER, later, LEASE) is True
-    beat = store.get_run(run.id)
-    assert beat is not None
-    assert beat.heartbeat_at == later
-    assert beat.lease_until == later + timedelta(seconds=LEASE)
+    assert beat(store, run.id, OWNER, later) is True
+    renewed = store.get_run(run.id)
+    assert renewed is not None
+    assert renewed.heartbeat_at == later
+    assert renewed.lease_until == later + timedelta(seconds=LEASE)
     # Still alive past the first lease thanks to the heartbeat.
     with pytest.raises(RunLocked):
         start(store, owner=OTHER, now=T0 + timedelta(seconds=LEASE + 5))
-    assert store.heartbeat("no-such-run", OWNER, later, LEASE) is False
+    assert beat(store, "no-such-run", OWNER, later) is False
 
 
 def test_heartbeat_fails_once_the_run_is_finished(store: SqlStore) -> None:
     run = start(store)
     finish(store, run)
-    assert store.heartbeat(run.id, OWNER, T0 + timedelta(minutes=2), LEASE) is False
+    assert beat(store, run.id, OWNER, T0 + timedelta(minutes=2)) is False
 
 
 def test_finish_run_records_status_counters_and_error(store: SqlStore) -> None:
     run = start(store)
     counters = RunCounters(seen=100, synced=98, failed=2, requests=130, retries=9, pages=10)
-    store.finish_run(
-        run.id, OWNER, RunStatus.PARTIAL, counters, T0 + timedelta(minutes=11), "2 failed"
+    finish_at(
+        store, run.id, OWNER, RunStatus.PARTIAL, counters, T0 + timedelta(minutes=11), "2 failed"
     )
     # A retry of the same call (its first answer lost) is harmless.
-    store.finish_run(
-        run.id, OWNER, RunStatus.PARTIAL, counters, T0 + timedelta(minutes=11), "2 failed"
+    finish_at(
+        store, run.id, OWNER, RunStatus.PARTIAL, counters, T0 + timedelta(minutes=11), "2 failed"
     )
     done = store.get_run(run.id)
     assert done is not None
@@ -538,7 +582,7 @@ def test_finish_run_records_status_counters_and_error(store: SqlStore) -> None:
     assert done.duration == timedelta(minutes=11)
     assert done.resumable is False
     with pytest.raises(ValueError, match="final status"):
-        store.finish_run(run.id, OWNER, RunStatus.RUNNING, counters, T0)
+        finish_at(store, run.id, OWNER, RunStatus.RUNNING, counters, T0)
 
 
 def test_save_counters_stores_absolute_values(store: SqlStore) -> None:
@@ -736,7 +780,7 @@ def test_a_non_transient_error_is_not_retried(fresh_database_url: str) -> None:
 
 def test_datetimes_are_timezone_aware_utc(store: SqlStore) -> None:
     paris = timezone(timedelta(hours=2))
-    run = store.claim_run("acme", OWNER, datetime(2025, 6, 1, 14, 0, tzinfo=paris), LEASE)
+    run = claim(store, "acme", OWNER, datetime(2025, 6, 1, 14, 0, tzinfo=paris))
     store.write_synced(
         run.id,
         "acme",
@@ -824,21 +868,21 @@ def test_an_owner_that_comes_back_between_read_and_takeover_keeps_its_run(
     # SQLite serializes claims (BEGIN IMMEDIATE); on PostgreSQL the takeover's
     # compare-and-set is what stops a claimer acting on a stale read.
     client = "cas-client"
-    claimer = SqlStore.from_url(postgres_url)
-    original = SqlStore.from_url(postgres_url)
+    claimer = SqlStore.from_url(postgres_url, now=DB_CLOCK)
+    original = SqlStore.from_url(postgres_url, now=DB_CLOCK)
     try:
         claimer.upgrade()
-        run = original.claim_run(client, OWNER, T0, LEASE)
-        later = T0 + timedelta(seconds=LEASE + 1)
+        run = claim(original, client, OWNER, T0)
+        DB_CLOCK.at = T0 + timedelta(seconds=LEASE + 1)
         revived: list[bool] = []
 
         @event.listens_for(claimer.engine, "before_cursor_execute")
         def revive(*args: Any) -> None:
             if args[2].startswith("UPDATE sync_runs") and not revived:
-                revived.append(original.heartbeat(run.id, OWNER, later, LEASE))
+                revived.append(original.heartbeat(run.id, OWNER, LEASE))
 
         with pytest.raises(RunLocked, match=OWNER):
-            claimer.claim_run(client, OTHER, later, LEASE)
+            claimer.claim_run(client, OTHER, LEASE)
         assert revived == [True]
         kept = original.get_run(run.id)
         assert kept is not None

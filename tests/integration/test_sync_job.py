@@ -223,8 +223,9 @@ async def test_a_run_taken_over_ends_interrupted_and_left_to_the_new_owner(
     task = asyncio.create_task(job(client, store, concurrency=2, lease_seconds=0.6).run())
     await asyncio.sleep(0.5)
     # Another process claims the run as if our lease had run out.
-    later = datetime.now(UTC) + timedelta(seconds=5)
-    taken = await asyncio.to_thread(store.claim_run, "acme", "host:2:other", later, 60)
+    taken = await asyncio.to_thread(
+        store.claim_run, "acme", "host:2:other", 60, owner_is_dead=lambda _owner: True
+    )
     outcome = await asyncio.wait_for(task, 10.0)
     assert outcome.status is RunStatus.INTERRUPTED
     assert outcome.taken_over
@@ -281,8 +282,8 @@ async def test_a_run_the_database_refuses_does_not_fail_the_runs_it_shared_a_wri
     store: SqlStore,
 ) -> None:
     now = datetime.now(UTC)
-    good = store.claim_run("good", "o1", now, 60)
-    bad = store.claim_run("bad", "o2", now, 60)
+    good = store.claim_run("good", "o1", 60)
+    bad = store.claim_run("bad", "o2", 60)
     # Built directly, past validation: a date that overflows once moved to UTC.
     edge = datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=5)))
     writes = [
@@ -399,8 +400,10 @@ async def test_a_lease_taken_over_while_the_run_waits_for_its_window_sends_nothi
     client = platform_client(platform, limit=4, window=60.0)
     task = asyncio.create_task(job(client, store, lease_seconds=0.6, batch_interval=0.01).run())
     await _until(lambda: store.count_campaigns("acme") >= 3, "three campaigns stored")
-    later = datetime.now(UTC) + timedelta(seconds=5)
-    await asyncio.to_thread(store.claim_run, "acme", "host:2:other", later, 60)
+    # Another process claims the run as if our lease had run out.
+    await asyncio.to_thread(
+        store.claim_run, "acme", "host:2:other", 60, owner_is_dead=lambda _owner: True
+    )
     # The next heartbeat (every 0.2 s) tells the run it is no longer ours.
     outcome = await _ended(task, 2.0)
     assert outcome.status is RunStatus.INTERRUPTED
@@ -480,8 +483,9 @@ async def test_a_lease_lost_by_one_account_does_not_stop_the_others(store: SqlSt
         asyncio.create_task(job(kept, store, "kept", stop=stop, **options).run()),
     ]
     await _until(lambda: len(lost.synced) >= 4, "the runs under way")
-    later = datetime.now(UTC) + timedelta(seconds=5)
-    await asyncio.to_thread(store.claim_run, "lost", "host:2:other", later, 60)
+    await asyncio.to_thread(
+        store.claim_run, "lost", "host:2:other", 60, owner_is_dead=lambda _owner: True
+    )
     gone, going_on = await asyncio.gather(*(_ended(t, 10.0) for t in tasks))
     assert gone.taken_over
     assert not stop.is_set()

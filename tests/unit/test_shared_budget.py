@@ -1,14 +1,15 @@
 """The rate budget shared across processes, on the in-memory send log and a fake clock.
 
 Each RateBudget stands for one process; they share a FakeClock (one machine's time)
-and an InMemorySendLog (the database). The platform is modelled as in
-test_ratelimit.py: at most ``limit`` counted requests in any window, stamped in ms.
+and an InMemorySendLog (the database, whose clock is the FakeClock's wall time). The
+platform is modelled as in test_ratelimit.py: at most ``limit`` counted requests in
+any window, stamped in ms.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 from platform_window import PlatformWindow, nothing
@@ -81,7 +82,7 @@ def test_a_send_stamped_ahead_of_our_clock_counts_too() -> None:
 
 async def test_two_budgets_on_one_log_stay_within_the_limit_together() -> None:
     clock = FakeClock()
-    log = InMemorySendLog()
+    log = InMemorySendLog(clock.wall)
     platform = PlatformWindow(10, 60.0)
     a, b = budget(log, "a", clock), budget(log, "b", clock)
     sent = await asyncio.gather(drive(a, platform, 25), drive(b, platform, 25))
@@ -103,7 +104,7 @@ async def test_without_the_shared_log_the_same_two_budgets_collide() -> None:
 
 async def test_a_budget_started_after_another_sees_its_sends_and_is_not_refused() -> None:
     clock = FakeClock(start=0.0)
-    log = InMemorySendLog()
+    log = InMemorySendLog(clock.wall)
     platform = PlatformWindow(10, 60.0)
     first = await drive(budget(log, "a", clock), platform, 10)
     # A restarted (or second) process: a new budget with nothing in its own memory.
@@ -122,7 +123,7 @@ async def test_a_budget_started_after_another_sees_its_sends_and_is_not_refused(
 
 async def test_forget_removes_the_send_from_the_shared_log() -> None:
     clock = FakeClock()
-    log = InMemorySendLog()
+    log = InMemorySendLog(clock.wall)
     b = budget(log, "b", clock)
     kept, _ = await b.acquire(nothing)
     dropped, _ = await b.acquire(nothing)
@@ -135,7 +136,7 @@ async def test_forget_removes_the_send_from_the_shared_log() -> None:
 
 async def test_a_refused_send_leaves_the_shared_log() -> None:
     clock = FakeClock()
-    log = InMemorySendLog()
+    log = InMemorySendLog(clock.wall)
     b = budget(log, "b", clock)
     send, _ = await b.acquire(nothing)
     b.refused(send)
@@ -145,7 +146,7 @@ async def test_a_refused_send_leaves_the_shared_log() -> None:
 
 async def test_a_send_that_left_late_is_moved_in_the_shared_log() -> None:
     clock = FakeClock()
-    log = InMemorySendLog()
+    log = InMemorySendLog(clock.wall)
     b = budget(log, "b", clock)  # margin 0.6 s: moves of more than 0.15 s are written
     send, _ = await b.acquire(nothing)
     logged = send.logged_at
@@ -167,7 +168,7 @@ async def test_a_send_that_left_late_is_moved_in_the_shared_log() -> None:
 
 async def test_a_full_window_of_everyone_is_not_learned_as_a_lower_limit() -> None:
     clock = FakeClock(start=0.0)
-    log = InMemorySendLog()
+    log = InMemorySendLog(clock.wall)
     platform = PlatformWindow(10, 60.0)
     a = budget(log, "a", clock, margin_fraction=0.0)
     b = budget(log, "b", clock, margin_fraction=0.0)
@@ -192,7 +193,7 @@ async def test_a_full_window_of_everyone_is_not_learned_as_a_lower_limit() -> No
 
 async def test_a_lower_limit_is_learned_from_everyones_sends_together() -> None:
     clock = FakeClock(start=0.0)
-    log = InMemorySendLog()
+    log = InMemorySendLog(clock.wall)
     platform = PlatformWindow(10, 60.0)  # the platform's real limit
     a, b = budget(log, "a", clock, limit=20), budget(log, "b", clock, limit=20)
     await drive(a, platform, 6)
@@ -209,8 +210,8 @@ async def test_a_lower_limit_is_learned_from_everyones_sends_together() -> None:
 class DownLog(InMemorySendLog):
     """A shared log whose database is unreachable for the first ``failures`` calls."""
 
-    def __init__(self, failures: int) -> None:
-        super().__init__()
+    def __init__(self, now: Callable[[], float], failures: int) -> None:
+        super().__init__(now)
         self.failures = failures
         self.calls = 0
 
@@ -225,7 +226,7 @@ class DownLog(InMemorySendLog):
 
 async def test_an_unreachable_log_falls_back_to_own_pacing_and_is_tried_again_later() -> None:
     clock = FakeClock(start=0.0)
-    log = DownLog(failures=1)
+    log = DownLog(clock.wall, failures=1)
     platform = PlatformWindow(10, 60.0)
     b = budget(log, "b", clock)
     await drive(b, platform, 12)
@@ -239,7 +240,7 @@ async def test_an_unreachable_log_falls_back_to_own_pacing_and_is_tried_again_la
 
 async def test_reservations_of_many_budgets_share_transactions() -> None:
     clock = FakeClock(start=0.0)
-    log = InMemorySendLog()
+    log = InMemorySendLog(clock.wall)
     batcher = SendLogBatcher(log)  # one per process, for all its accounts
     budgets = [
         RateBudget(10, 60.0, clock, shared=batcher, client_id=f"acct-{i}", owner="p")
@@ -256,7 +257,7 @@ async def test_reservations_of_many_budgets_share_transactions() -> None:
 
 async def test_two_budgets_of_one_client_in_one_batch_do_not_both_take_the_last_slot() -> None:
     clock = FakeClock(start=0.0)
-    log = InMemorySendLog()
+    log = InMemorySendLog(clock.wall)
     batcher = SendLogBatcher(log)
     a = budget(batcher, "a", clock, limit=1)
     b = budget(batcher, "b", clock, limit=1)
@@ -267,7 +268,7 @@ async def test_two_budgets_of_one_client_in_one_batch_do_not_both_take_the_last_
 
 async def test_a_failed_batch_reaches_every_budget_in_it_and_each_goes_on_alone() -> None:
     clock = FakeClock(start=0.0)
-    batcher = SendLogBatcher(DownLog(failures=1))
+    batcher = SendLogBatcher(DownLog(clock.wall, failures=1))
     budgets = [
         RateBudget(10, 60.0, clock, shared=batcher, client_id=f"acct-{i}", owner="p")
         for i in range(3)
@@ -278,3 +279,69 @@ async def test_a_failed_batch_reaches_every_budget_in_it_and_each_goes_on_alone(
     assert [b.shared_failures for b in budgets] == [1, 1, 1]
     assert all(s.logged_at is None for s, _ in sends)
     await batcher.aclose()
+
+
+class SkewedClock:
+    """Another process on the machine: the same monotonic time, a wall clock ``skew`` off."""
+
+    def __init__(self, clock: FakeClock, skew: float) -> None:
+        self._clock = clock
+        self._skew = skew
+
+    def monotonic(self) -> float:
+        return self._clock.monotonic()
+
+    def wall(self) -> float:
+        return self._clock.wall() + self._skew
+
+    async def sleep(self, seconds: float) -> None:
+        await self._clock.sleep(seconds)
+
+
+@pytest.mark.parametrize("skew", [120.0, -30.0])
+async def test_a_process_whose_wall_clock_is_off_shares_the_window_like_any_other(
+    skew: float,
+) -> None:
+    clock = FakeClock(start=0.0)
+    log = InMemorySendLog(clock.wall)  # the database's clock
+    platform = PlatformWindow(10, 60.0)
+    a = budget(log, "a", clock)
+    b = budget(log, "b", SkewedClock(clock, skew))  # type: ignore[arg-type]
+    sent = await asyncio.gather(drive(a, platform, 25), drive(b, platform, 25))
+    assert platform.refused == 0
+    assert [len(s) for s in sent] == [25, 25]
+    # Every send is logged at the log's time of it, whoever sent it: none of b's
+    # looks like a send in the future (or the past) to a.
+    database_offset = clock.wall() - clock.monotonic()
+    offsets = {round(s.logged_at - s.stamp, 6) for s in [*sent[0], *sent[1]] if s.logged_at}
+    assert offsets == {round(database_offset, 6)}
+
+
+class SlowAnswers(InMemorySendLog):
+    """A log whose answers come back ``lag`` seconds after it read its clock."""
+
+    def __init__(self, clock: FakeClock, lag: list[float]) -> None:
+        super().__init__(clock.wall)
+        self._clock = clock
+        self._lags = lag
+
+    def reserve_many(
+        self, requests: Sequence[SendRequest], changes: Sequence[SendChange] = ()
+    ) -> list[Reservation]:
+        answers = super().reserve_many(requests, changes)
+        self._clock.advance(self._lags.pop(0) if self._lags else 0.0)
+        return answers
+
+
+async def test_the_logs_clock_is_mapped_by_the_quickest_recent_answer() -> None:
+    clock = FakeClock(start=0.0)
+    # The database's clock is 1.7e9 s ahead of our monotonic one; answers take
+    # 0 s, then 80 ms and 30 ms (a loaded machine).
+    log = SlowAnswers(clock, [0.0, 0.08, 0.03])
+    b = budget(log, "b", clock, limit=100)
+    database_offset = clock.wall() - clock.monotonic()
+    sends = [(await b.acquire(nothing))[0] for _ in range(3)]
+    # Each send is on our clock when the log took it, not when its slow answer came.
+    for send in sends:
+        assert send.logged_at is not None
+        assert send.logged_at - send.stamp == pytest.approx(database_offset, abs=1e-6)

@@ -185,7 +185,7 @@ def test_in_memory_sqlite_is_one_database_for_all_threads() -> None:
     store = SqlStore.from_url("sqlite://")
     try:
         store.upgrade()
-        run = store.claim_run("acme", "o:1:x", T0, 30)
+        run = store.claim_run("acme", "o:1:x", 30)
         seen: list[Any] = []
         thread = threading.Thread(target=lambda: seen.append(store.get_run(run.id)))
         thread.start()
