@@ -98,6 +98,11 @@ class Settings(BaseSettings):
     db_retry_wait: float = Field(
         default=0.5, validation_alias="ADSYNC_DB_RETRY_WAIT", ge=0, le=MAX_SECONDS
     )
+    # An unfinished run is resumed only if it last ran this recently; an older one
+    # is closed as abandoned and a new run starts.
+    resume_within_seconds: float = Field(
+        default=3600.0, validation_alias="ADSYNC_RESUME_WITHIN_SECONDS", gt=0, le=MAX_SECONDS
+    )
 
     @field_validator("api_url")
     @classmethod

@@ -65,6 +65,7 @@ _RECORD_FIELDS: Final = (
     "resumable",
     "error",
     "run_seq",
+    "active_seconds",
 )
 
 _STATUS_STYLE: Final = {
@@ -73,6 +74,7 @@ _STATUS_STYLE: Final = {
     RunStatus.FAILED: "bold red",
     RunStatus.INTERRUPTED: "magenta",
     RunStatus.RUNNING: "cyan",
+    RunStatus.ABANDONED: "dim",
 }
 
 Failures = Mapping[str, Sequence[CampaignFailure]]

@@ -179,6 +179,8 @@ class RunStatus(StrEnum):
     PARTIAL = "partial"  # finished, some campaigns failed
     FAILED = "failed"  # the run itself failed (auth, platform down, database down)
     INTERRUPTED = "interrupted"  # stopped by a signal; resumable
+    # Left unfinished longer than the resume bound: closed, and a new run started.
+    ABANDONED = "abandoned"
 
 
 @dataclass(slots=True)
@@ -221,6 +223,9 @@ class RunRecord:
     resumed: bool = False
     # The client's run order: a later run has a higher number (a resumed run keeps its own).
     run_seq: int = 0
+    # Seconds some process was running the run, summed over its claims; None in
+    # records made by hand (then the duration is start to finish).
+    active_seconds: float | None = None
 
     def counters(self) -> RunCounters:
         """The recorded counters, to carry on from when a run is resumed."""
@@ -236,9 +241,15 @@ class RunRecord:
 
     @property
     def duration(self) -> timedelta | None:
-        """Wall time from start to finish; None while the run is unfinished."""
+        """The time the run was running; None while it is unfinished.
+
+        The gaps between an interrupted run and the process that resumed it are
+        not part of it.
+        """
         if self.finished_at is None:
             return None
+        if self.active_seconds is not None:
+            return timedelta(seconds=self.active_seconds)
         return self.finished_at - self.started_at
 
 

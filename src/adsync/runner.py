@@ -135,6 +135,7 @@ def pipeline_options(settings: Settings, *, accounts: int = 1) -> PipelineOption
         lease_seconds=max(30.0, settings.request_deadline * 4),
         request_seconds=settings.request_deadline,
         batch_interval=min(1.0, 0.25 * max(1.0, accounts / 25)),
+        resume_within=settings.resume_within_seconds,
     )
 
 

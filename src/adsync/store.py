@@ -127,6 +127,9 @@ _READ_LOCK_WAIT_MS: Final = 2000
 ITEM_PENDING: Final = "pending"
 ITEM_SYNCED: Final = "synced"
 ITEM_FAILED: Final = "failed"
+# Listed by an earlier part of a resumed run, but no longer by the listing it
+# finished with: not part of the run's result.
+ITEM_UNLISTED: Final = "unlisted"
 
 
 def _utcnow() -> datetime:
@@ -256,6 +259,8 @@ sync_runs = sa.Table(
     sa.Column("error", sa.Text(), nullable=True),
     # The client's run order (1, 2, ...): what decides which write to `campaigns` wins.
     sa.Column("run_seq", sa.BigInteger(), nullable=False, server_default="0"),
+    # Time some process was running the run, summed over claims (gaps left out).
+    sa.Column("active_seconds", sa.Double(), nullable=False, server_default="0"),
     sa.PrimaryKeyConstraint("id", name="pk_sync_runs"),
     sa.Index("ix_sync_runs_client_id", "client_id"),
     sa.Index("ix_sync_runs_started_at", "started_at"),
@@ -418,13 +423,14 @@ class Store(Protocol):
         lease_seconds: float,
         *,
         owner_is_dead: Callable[[str], bool] | None = None,
+        resume_within: float | None = None,
     ) -> RunRecord: ...
 
     def heartbeat(self, run_id: str, owner: str, lease_seconds: float) -> bool: ...
 
     def record_listed(self, run_id: str, client_id: str, campaign_ids: Sequence[str]) -> None: ...
 
-    def mark_listing_complete(self, run_id: str) -> None: ...
+    def mark_listing_complete(self, run_id: str, unlisted: Iterable[str] = ()) -> None: ...
 
     def checkpoint(self, run_id: str) -> Checkpoint: ...
 
@@ -560,6 +566,15 @@ class SqlStore:
         value: datetime = conn.execute(_PG_CLOCK).scalar_one()
         return value.astimezone(UTC)
 
+    def _seconds_since(self, now: datetime, column: sa.ColumnElement[Any]) -> Any:
+        """SQL for the seconds from ``column`` to ``now`` (never negative)."""
+        bound = sa.bindparam(None, now, type_=UTCDateTime())
+        if self._sqlite:
+            # julianday() keeps whole milliseconds: round the difference to them.
+            days = sa.func.julianday(bound) - sa.func.julianday(column)
+            return sa.func.max(0.0, sa.func.round(days * 86_400_000.0) / 1000.0)
+        return sa.func.greatest(0.0, sa.extract("epoch", bound - column))
+
     # --- schema -----------------------------------------------------------------------
 
     def upgrade(self) -> None:
@@ -620,6 +635,7 @@ class SqlStore:
         lease_seconds: float,
         *,
         owner_is_dead: Callable[[str], bool] | None = None,
+        resume_within: float | None = None,
     ) -> RunRecord:
         """Take the client's unfinished run over, or start a new one.
 
@@ -629,9 +645,11 @@ class SqlStore:
 
         Resumes, in this order: a ``running`` run whose lease expired (its process
         died), then the latest run finished as resumable (``interrupted``, or
-        ``failed`` with ``resumable=True``). Raises :class:`RunLocked` while another
-        owner holds a live lease. The lease's times are the database's
-        (:meth:`_db_now`). Every takeover is a compare-and-set, and the
+        ``failed`` with ``resumable=True``). An unfinished run that last ran more
+        than ``resume_within`` seconds ago (None: no bound) is not resumed: it is
+        closed as ``abandoned`` and a new run starts. Raises :class:`RunLocked`
+        while another owner holds a live lease. The lease's times are the
+        database's (:meth:`_db_now`). Every takeover is a compare-and-set, and the
         one-running-run index settles concurrent inserts, so exactly one claimer wins.
         """
         for _ in range(_CLAIM_ROUNDS):
@@ -639,7 +657,7 @@ class SqlStore:
                 return self._transaction(
                     "claim_run",
                     lambda conn: self._claim_once(
-                        conn, client_id, owner, lease_seconds, owner_is_dead
+                        conn, client_id, owner, lease_seconds, owner_is_dead, resume_within
                     ),
                     write=True,
                 )
@@ -650,16 +668,19 @@ class SqlStore:
             "other processes kept claiming it at the same time"
         )
 
-    def _claim_once(
+    def _claim_once(  # noqa: PLR0917 - private, called from one place
         self,
         conn: Connection,
         client_id: str,
         owner: str,
         lease_seconds: float,
         owner_is_dead: Callable[[str], bool] | None,
+        resume_within: float | None,
     ) -> RunRecord:
         now = self._db_now(conn)
         lease_until = now + timedelta(seconds=lease_seconds)
+        # An unfinished run that last ran before this is too old to resume.
+        stale_before = None if resume_within is None else now - timedelta(seconds=resume_within)
         running = conn.execute(
             sa.select(sync_runs).where(
                 sync_runs.c.client_id == client_id,
@@ -683,27 +704,39 @@ class SqlStore:
                     f"is held by {running.owner} until {running.lease_until.isoformat()}; "
                     "it is taken over automatically once that lease expires"
                 )
-            result = conn.execute(
-                sa.update(sync_runs)
-                .where(
-                    sync_runs.c.id == running.id,
-                    sync_runs.c.status == RunStatus.RUNNING.value,
-                    sync_runs.c.owner == running.owner,
-                    sync_runs.c.resumes == running.resumes,
-                    sa.true() if dead else sync_runs.c.lease_until < now,
-                )
-                .values(**takeover)
+            still_theirs = (
+                sync_runs.c.id == running.id,
+                sync_runs.c.status == RunStatus.RUNNING.value,
+                sync_runs.c.owner == running.owner,
+                sync_runs.c.resumes == running.resumes,
+                sa.true() if dead else sync_runs.c.lease_until < now,
             )
-            if result.rowcount != 1:
-                raise _LostRace
-            return self._read_run(conn, running.id, resumed=True)
+            if stale_before is not None and running.heartbeat_at < stale_before:
+                self._abandon(conn, still_theirs, running.heartbeat_at, resume_within)
+            else:
+                result = conn.execute(sa.update(sync_runs).where(*still_theirs).values(**takeover))
+                if result.rowcount != 1:
+                    raise _LostRace
+                return self._read_run(conn, running.id, resumed=True)
 
         candidate = conn.execute(
-            sa.select(sync_runs.c.id, sync_runs.c.status)
+            sa.select(sync_runs.c.id, sync_runs.c.status, sync_runs.c.heartbeat_at)
             .where(sync_runs.c.client_id == client_id, sync_runs.c.resumable.is_(True))
             .order_by(sync_runs.c.started_at.desc(), sync_runs.c.id.desc())
             .limit(1)
         ).first()
+        if (
+            candidate is not None
+            and stale_before is not None
+            and candidate.heartbeat_at < stale_before
+        ):
+            unchanged = (
+                sync_runs.c.id == candidate.id,
+                sync_runs.c.status == candidate.status,
+                sync_runs.c.resumable.is_(True),
+            )
+            self._abandon(conn, unchanged, candidate.heartbeat_at, resume_within)
+            candidate = None
         if candidate is not None:
             try:
                 result = conn.execute(
@@ -750,16 +783,44 @@ class SqlStore:
                     listing_complete=False,
                     resumable=False,
                     run_seq=seq,
+                    active_seconds=0.0,
                 )
             )
         except IntegrityError as exc:  # a concurrent claimer inserted first
             raise _LostRace from exc
         return self._read_run(conn, run_id, resumed=False)
 
+    def _abandon(
+        self,
+        conn: Connection,
+        unchanged: tuple[sa.ColumnElement[bool], ...],
+        last_ran: datetime,
+        resume_within: float | None,
+    ) -> None:
+        """Close a run too old to resume, if it is still as it was read (else look again)."""
+        note = f"abandoned: not resumed within {resume_within:g}s of when it last ran"
+        result = conn.execute(
+            sa.update(sync_runs)
+            .where(*unchanged)
+            .values(
+                status=RunStatus.ABANDONED.value,
+                resumable=False,
+                finished_at=sa.func.coalesce(sync_runs.c.finished_at, last_ran),
+                error=sa.case(
+                    (sync_runs.c.error.is_(None), note),
+                    else_=sync_runs.c.error + f"; {note}",
+                ),
+            )
+        )
+        if result.rowcount != 1:
+            raise _LostRace
+        log.info("abandoned an unfinished run too old to resume (%s)", note)
+
     def heartbeat(self, run_id: str, owner: str, lease_seconds: float) -> bool:
         """Extend the lease; False when the run is no longer ours (taken over or finished).
 
-        The lease runs from the database's clock.
+        The lease runs from the database's clock, and the time since the last beat
+        counts as time the run was running.
         """
 
         def beat(conn: Connection) -> bool:
@@ -771,7 +832,12 @@ class SqlStore:
                     sync_runs.c.owner == owner,
                     sync_runs.c.status == RunStatus.RUNNING.value,
                 )
-                .values(heartbeat_at=now, lease_until=now + timedelta(seconds=lease_seconds))
+                .values(
+                    heartbeat_at=now,
+                    lease_until=now + timedelta(seconds=lease_seconds),
+                    active_seconds=sync_runs.c.active_seconds
+                    + self._seconds_since(now, sync_runs.c.heartbeat_at),
+                )
             )
             return result.rowcount == 1
 
@@ -822,6 +888,8 @@ class SqlStore:
                     status=status.value,
                     finished_at=now,
                     heartbeat_at=now,
+                    active_seconds=sync_runs.c.active_seconds
+                    + self._seconds_since(now, sync_runs.c.heartbeat_at),
                     resumable=keep,
                     error=None if error is None else _kept(error),
                     **_counter_values(counters),
@@ -844,7 +912,10 @@ class SqlStore:
     # --- checkpoint -------------------------------------------------------------------
 
     def record_listed(self, run_id: str, client_id: str, campaign_ids: Sequence[str]) -> None:
-        """Remember listed campaigns as pending; rows already there keep their state."""
+        """Remember listed campaigns as pending; rows already there keep their state.
+
+        Except ``unlisted`` ones: listed again, they are pending again.
+        """
         ids = _ids(campaign_ids)
         if not ids:
             return
@@ -859,20 +930,48 @@ class SqlStore:
             }
             for cid in ids
         ]
-        stmt = self._insert(run_items).on_conflict_do_nothing(
-            index_elements=[run_items.c.run_id, run_items.c.campaign_id]
+        ins = self._insert(run_items)
+        stmt = ins.on_conflict_do_update(
+            index_elements=[run_items.c.run_id, run_items.c.campaign_id],
+            set_={"state": ins.excluded.state, "updated_at": ins.excluded.updated_at},
+            where=run_items.c.state == ITEM_UNLISTED,
         )
         self._transaction("record_listed", lambda conn: conn.execute(stmt, rows), write=True)
 
-    def mark_listing_complete(self, run_id: str) -> None:
-        """Record that every page of the listing has been seen."""
-        self._transaction(
-            "mark_listing_complete",
-            lambda conn: conn.execute(
+    def mark_listing_complete(self, run_id: str, unlisted: Iterable[str] = ()) -> None:
+        """Record that every page of the listing has been seen.
+
+        ``unlisted``: campaigns an earlier part of a resumed run listed that this
+        listing no longer has. Whatever their state, they leave the run's result:
+        their items become ``unlisted`` and their failures in the run are dropped.
+        """
+        keys = [{"b_run_id": run_id, "b_campaign_id": cid} for cid in _ids(unlisted)]
+        now = self._now()
+
+        def complete(conn: Connection) -> None:
+            conn.execute(
                 sa.update(sync_runs).where(sync_runs.c.id == run_id).values(listing_complete=True)
-            ),
-            write=True,
-        )
+            )
+            if not keys:
+                return
+            conn.execute(
+                sa.update(run_items)
+                .where(
+                    run_items.c.run_id == sa.bindparam("b_run_id"),
+                    run_items.c.campaign_id == sa.bindparam("b_campaign_id"),
+                )
+                .values(state=ITEM_UNLISTED, updated_at=now),
+                keys,
+            )
+            conn.execute(
+                sa.delete(sync_failures).where(
+                    sync_failures.c.run_id == sa.bindparam("b_run_id"),
+                    sync_failures.c.campaign_id == sa.bindparam("b_campaign_id"),
+                ),
+                keys,
+            )
+
+        self._transaction("mark_listing_complete", complete, write=True)
 
     def checkpoint(self, run_id: str) -> Checkpoint:
         """What the run has durably done: listed, synced and failed campaign ids."""
@@ -891,7 +990,7 @@ class SqlStore:
             return Checkpoint(
                 synced=frozenset(i.campaign_id for i in items if i.state == ITEM_SYNCED),
                 failed=frozenset(i.campaign_id for i in items if i.state == ITEM_FAILED),
-                listed=frozenset(i.campaign_id for i in items),
+                listed=frozenset(i.campaign_id for i in items if i.state != ITEM_UNLISTED),
                 listing_complete=bool(complete),
             )
 
@@ -1589,6 +1688,7 @@ def _record(row: Row[Any], *, resumed: bool = False) -> RunRecord:
         error=row.error,
         resumed=resumed,
         run_seq=row.run_seq,
+        active_seconds=row.active_seconds,
     )
 
 

@@ -169,6 +169,8 @@ class PipelineOptions:
     # The longest one request may take (the request deadline): no request leaves
     # when less than this is left of the run's lease.
     request_seconds: float = 30.0
+    # An unfinished run that last ran longer ago than this is not resumed.
+    resume_within: float = 3600.0
 
 
 class SyncJob:
@@ -213,6 +215,8 @@ class SyncJob:
         self._listing = Listing(max_pages=options.max_pages)
         self._already_synced: frozenset[str] = frozenset()
         self._already_failed: frozenset[str] = frozenset()
+        # What the run's earlier processes listed (a resumed run only).
+        self._listed_before: frozenset[str] = frozenset()
         self._base = RunCounters()
         self._counters = RunCounters()
         self._listing_done = False
@@ -232,6 +236,7 @@ class SyncJob:
             self._owner,
             self._opt.lease_seconds,
             owner_is_dead=local_owner_is_dead,
+            resume_within=self._opt.resume_within,
         )
         self._hold_lease_from(started)
         self._run_id = run.id
@@ -242,6 +247,7 @@ class SyncJob:
             checkpoint = await asyncio.to_thread(store.checkpoint, run.id)
             self._already_synced = checkpoint.synced
             self._already_failed = checkpoint.failed
+            self._listed_before = checkpoint.listed
             # The counters are saved in a transaction of their own after each batch,
             # so a process killed in between leaves them behind the checkpoint,
             # which is what is really stored.
@@ -420,7 +426,14 @@ class SyncJob:
         for problem in self._listing.problems:
             log.warning("listing problem", problem=problem)
         self._listing_done = True
-        await asyncio.to_thread(self._store.mark_listing_complete, self._run_id)
+        # A resumed run's result is about the listing it finished with: what the
+        # platform no longer lists leaves it, synced or not.
+        gone = self._listed_before - self._listing.seen_ids
+        await asyncio.to_thread(self._store.mark_listing_complete, self._run_id, gone)
+        if gone:
+            log.info("campaigns no longer listed since the run began", count=len(gone))
+            self._base.synced -= len(gone & self._already_synced)
+            self._base.failed = max(0, self._base.failed - len(gone & self._already_failed))
 
     async def _fetch_page(self, number: int) -> tuple[Page, Accepted]:
         return await self._take_page(number, await self._get_page(number))

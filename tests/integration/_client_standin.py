@@ -12,13 +12,17 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
 
+import sqlalchemy as sa
+
 from adsync.client import ClientStats, PlatformClient
 from adsync.clock import Clock, SystemClock
+from adsync.config import sqlalchemy_url
 from adsync.models import Campaign, ListedItem, Page, SyncReceipt
+from adsync.store import metadata
 from adsync.sync import PipelineOptions, Progress, SyncJob
 
 
@@ -54,6 +58,8 @@ class StandIn:
         self.auth = SimpleNamespace(refreshes=0)
         self.budget = SimpleNamespace(waited_seconds=0.0, seconds_for=lambda _n: 0.0)
         self.sync_calls: Counter[str] = Counter()
+        # Set once this many sync calls have been answered (see stop_after).
+        self.stop: tuple[asyncio.Event, int] | None = None
 
     async def list_page(self, number: int, limit: int) -> Page:
         self.stats.requests += 1
@@ -66,6 +72,8 @@ class StandIn:
         self.stats.requests += 1
         await asyncio.sleep(self.delay)
         self.sync_calls[campaign_id] += 1
+        if self.stop is not None and self.stop[1] <= sum(self.sync_calls.values()):
+            self.stop[0].set()
         return SyncReceipt(campaign_id, self.synced_at or datetime.now(UTC))
 
 
@@ -91,6 +99,39 @@ def job(
         stop=stop,
         on_progress=on_progress,
     )
+
+
+def stop_after(platform: StandIn, calls: int) -> asyncio.Event:
+    """A stop event (a signal) that ``platform`` sets once it has answered ``calls`` sync calls.
+
+    The calls still in flight then are answered and stored: the run stops a few
+    campaigns later.
+    """
+    stop = asyncio.Event()
+    platform.stop = (stop, calls)
+    return stop
+
+
+def move_run_back(database_url: str, run_id: str, seconds: float) -> None:
+    """Make a run look as if it had run ``seconds`` earlier: the gap before the next process."""
+    engine = sa.create_engine(sqlalchemy_url(database_url), poolclass=sa.NullPool)
+    runs = metadata.tables["sync_runs"]
+    shift = timedelta(seconds=seconds)
+    try:
+        with engine.begin() as conn:
+            row = conn.execute(sa.select(runs).where(runs.c.id == run_id)).one()
+            conn.execute(
+                sa.update(runs)
+                .where(runs.c.id == run_id)
+                .values(
+                    started_at=row.started_at - shift,
+                    finished_at=None if row.finished_at is None else row.finished_at - shift,
+                    heartbeat_at=row.heartbeat_at - shift,
+                    lease_until=row.lease_until - shift,
+                )
+            )
+    finally:
+        engine.dispose()
 
 
 class SkewedClock:

@@ -161,7 +161,7 @@ def test_migrations_apply_and_are_idempotent(fresh_database_url: str) -> None:
             "sync_failures",
             "rate_sends",
         } <= tables
-        assert versions == [("0003",)]
+        assert versions == [("0004",)]
         assert diff == []
     finally:
         store.dispose()
@@ -583,6 +583,34 @@ def test_finish_run_records_status_counters_and_error(store: SqlStore) -> None:
     assert done.resumable is False
     with pytest.raises(ValueError, match="final status"):
         finish_at(store, run.id, OWNER, RunStatus.RUNNING, counters, T0)
+
+
+def test_the_duration_is_the_time_processes_ran_the_run(store: SqlStore) -> None:
+    run = start(store)
+    assert beat(store, run.id, OWNER, T0 + timedelta(seconds=10))
+    finish_at(
+        store, run.id, OWNER, RunStatus.INTERRUPTED, RunCounters(), T0 + timedelta(seconds=20)
+    )
+    # Resumed 80 s later; that process dies after its first beat ...
+    assert claim(store, "acme", OTHER, T0 + timedelta(seconds=100)).id == run.id
+    assert beat(store, run.id, OTHER, T0 + timedelta(seconds=110))
+    # ... and a third takes the run over once the lease has run out.
+    taken_at = T0 + timedelta(seconds=110 + LEASE + 1)
+    assert claim(store, "acme", "host-c:300:cccc", taken_at).id == run.id
+    finish_at(
+        store,
+        run.id,
+        "host-c:300:cccc",
+        RunStatus.SUCCEEDED,
+        RunCounters(),
+        taken_at + timedelta(seconds=5),
+    )
+    done = store.get_run(run.id)
+    assert done is not None
+    # 20 s, then 10 s until the last beat of the process that died, then 5 s.
+    assert done.duration == timedelta(seconds=35)
+    assert done.finished_at is not None
+    assert done.finished_at - done.started_at == timedelta(seconds=146)
 
 
 def test_save_counters_stores_absolute_values(store: SqlStore) -> None:

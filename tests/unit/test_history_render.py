@@ -50,6 +50,7 @@ EXPECTED_KEYS = [
     "resumable",
     "error",
     "run_seq",
+    "active_seconds",
     "duration_seconds",
     "failures",
 ]

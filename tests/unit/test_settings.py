@@ -11,6 +11,7 @@ from adsync.accounts import parse_accounts
 from adsync.cli import app
 from adsync.config import load_settings
 from adsync.errors import ConfigError
+from adsync.runner import pipeline_options
 from adsync.worker import load_worker_settings
 
 BASE = {"AD_PLATFORM_EMAIL": "me@x.io", "AD_PLATFORM_PASSWORD": "pw-123456"}
@@ -71,6 +72,7 @@ DURATIONS = [
     "AD_PLATFORM_BACKOFF_MAX",
     "AD_PLATFORM_TOKEN_REFRESH_MARGIN",
     "ADSYNC_DB_RETRY_WAIT",
+    "ADSYNC_RESUME_WITHIN_SECONDS",
 ]
 WORKER_DURATIONS = [
     "ADSYNC_WORKER_HEARTBEAT_SECONDS",
@@ -117,3 +119,12 @@ def test_a_huge_deadline_is_exit_2_in_one_line(
     assert result.exit_code == 2, result.output
     assert "AD_PLATFORM_REQUEST_DEADLINE" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_the_resume_bound_is_an_hour_unless_set_and_is_bounded() -> None:
+    assert pipeline_options(load_settings(**BASE)).resume_within == 3600.0
+    ten_minutes = load_settings(**BASE, ADSYNC_RESUME_WITHIN_SECONDS="600")
+    assert pipeline_options(ten_minutes).resume_within == 600.0
+    for bad in ("0", "-5", "1e12", "inf"):
+        with pytest.raises(ConfigError, match="ADSYNC_RESUME_WITHIN_SECONDS"):
+            load_settings(**BASE, ADSYNC_RESUME_WITHIN_SECONDS=bad)
