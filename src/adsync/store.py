@@ -1251,14 +1251,13 @@ class SqlStore:
         The lease is read against the database's clock on PostgreSQL (the host's on
         SQLite), as for every process looking at the same row.
         """
-        now = self._now() if self._sqlite else sa.func.now()
-        stmt = sa.select(sync_runs).where(
-            sync_runs.c.client_id == client_id,
-            sync_runs.c.status == RunStatus.RUNNING.value,
-            sync_runs.c.lease_until >= now,
-        )
 
         def read(conn: Connection) -> RunRecord | None:
+            stmt = sa.select(sync_runs).where(
+                sync_runs.c.client_id == client_id,
+                sync_runs.c.status == RunStatus.RUNNING.value,
+                sync_runs.c.lease_until >= self._db_now(conn),
+            )
             row = conn.execute(stmt).first()
             return None if row is None else _record(row)
 
