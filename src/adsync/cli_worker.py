@@ -25,24 +25,15 @@ from adsync.accounts import DEFAULT_ACCOUNTS_FILE, load_accounts, select
 from adsync.cli_common import VerboseOpt, database_url, err, errors, open_store
 from adsync.config import sqlalchemy_url
 from adsync.errors import ConfigError
-from adsync.metrics import Metrics
+from adsync.metrics import Metrics, WorkerMetrics
 from adsync.observability import configure_logging
-from adsync.worker import (
-    Enqueued,
-    Health,
-    HealthServer,
-    WorkerMetrics,
-    WorkerRuntime,
-    WorkerSettings,
-    build_app,
-    enqueue_accounts,
-    ensure_queue_schema,
-    load_worker_settings,
-    next_ticks,
-    queue_conninfo,
-    schedule_cron,
-    serve,
-)
+from adsync.worker.health import Health, HealthServer
+from adsync.worker.queue import Enqueued, enqueue_accounts, ensure_queue_schema
+from adsync.worker.runtime import WorkerRuntime
+from adsync.worker.schedule import next_ticks, schedule_cron
+from adsync.worker.serve import serve
+from adsync.worker.settings import WorkerSettings, load_worker_settings, queue_conninfo
+from adsync.worker.tasks import build_app
 
 __all__ = ["enqueue", "register", "schedule", "worker"]
 

@@ -115,6 +115,44 @@ class Metrics:
             self.rate_limited.labels(client_id).inc()
 
 
+class WorkerMetrics:
+    """Metrics of the worker itself, on the same registry as the sync metrics."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.jobs = Counter(
+            "worker_sync_jobs",
+            "Sync jobs ended, by what the worker decided (done, retry, continue, give_up).",
+            ["decision"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.recovered = Counter(
+            "worker_stalled_jobs",
+            "Jobs of dead workers put back in the queue (retried) or closed for a waiting one.",
+            ["action"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.loop_time = Gauge(
+            "worker_loop_timestamp_seconds",
+            "Unix time the worker's event loop last ticked.",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.database_up = Gauge(
+            "worker_database_up",
+            "1 when the worker's last database check succeeded, else 0.",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.unservable = Gauge(
+            "worker_unservable_accounts",
+            "Enabled accounts this worker cannot serve (a secret it cannot read).",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+
+
 @dataclass(slots=True)
 class Deltas:
     """Turns a run's growing totals into counter increments."""

@@ -31,15 +31,9 @@ from procrastinate import exceptions as pexc
 from procrastinate.jobs import Status
 
 from adsync.simulator.testing import SimulatorHandle, running_simulator
-from adsync.worker import (
-    QUEUE_SYNC,
-    WorkerSettings,
-    build_app,
-    defer_sync,
-    ensure_queue_schema,
-    queue_conninfo,
-    recover_stalled,
-)
+from adsync.worker.queue import QUEUE_SYNC, defer_sync, ensure_queue_schema, recover_stalled
+from adsync.worker.settings import WorkerSettings, queue_conninfo
+from adsync.worker.tasks import build_app
 
 pytestmark = pytest.mark.timeout(120)
 

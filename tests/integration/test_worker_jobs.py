@@ -37,17 +37,16 @@ from procrastinate.job_context import JobContext
 from procrastinate.jobs import Job, Status
 
 from adsync.simulator.testing import running_simulator
-from adsync.worker import (
+from adsync.worker.queue import (
     PRUNE_TASK,
     QUEUE_MAINTENANCE,
     QUEUE_SYNC,
-    WorkerSettings,
-    build_app,
     defer_sync,
     ensure_queue_schema,
-    queue_conninfo,
-    tolerate_outages,
 )
+from adsync.worker.settings import WorkerSettings, queue_conninfo
+from adsync.worker.supervisor import tolerate_outages
+from adsync.worker.tasks import build_app
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
 

@@ -12,7 +12,7 @@ from adsync.cli import app
 from adsync.config import load_settings
 from adsync.errors import ConfigError
 from adsync.runner import pipeline_options
-from adsync.worker import load_worker_settings
+from adsync.worker.settings import load_worker_settings
 
 BASE = {"AD_PLATFORM_EMAIL": "me@x.io", "AD_PLATFORM_PASSWORD": "pw-123456"}
 

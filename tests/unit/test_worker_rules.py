@@ -17,7 +17,6 @@ import sqlalchemy as sa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adsync import worker
 from adsync.config import Settings
 from adsync.errors import (
     AuthError,
@@ -28,23 +27,17 @@ from adsync.errors import (
     StoreError,
     TransientError,
 )
-from adsync.metrics import Metrics
+from adsync.metrics import Metrics, WorkerMetrics
 from adsync.models import RunCounters, RunStatus
 from adsync.store import SqlStore, make_owner, sync_runs
 from adsync.sync import SyncOutcome
-from adsync.worker import (
-    Action,
-    Health,
-    JobRetryPolicy,
-    WorkerMetrics,
-    WorkerRuntime,
-    decide,
-    next_ticks,
-    queue_conninfo,
-    recovery_cron,
-    run_sync_job,
-    schedule_cron,
-)
+from adsync.worker.health import Health, watch_health
+from adsync.worker.policy import Action, JobRetryPolicy, decide_next
+from adsync.worker.runtime import WorkerRuntime, retries_within, unservable_accounts
+from adsync.worker.schedule import next_ticks, recovery_cron, schedule_cron
+from adsync.worker.settings import queue_conninfo
+from adsync.worker.supervisor import supervise
+from adsync.worker.tasks import run_sync_job
 
 POLICY = JobRetryPolicy(max_attempts=4, initial=10.0, maximum=60.0)
 
@@ -66,7 +59,7 @@ def _outcome(status: RunStatus, fatal: BaseException | None = None) -> SyncOutco
 
 @pytest.mark.parametrize("status", [RunStatus.SUCCEEDED, RunStatus.PARTIAL])
 def test_a_finished_run_is_done_even_with_failed_campaigns(status: RunStatus) -> None:
-    decision = decide(1, POLICY, random.Random(1), outcome=_outcome(status))
+    decision = decide_next(1, POLICY, random.Random(1), outcome=_outcome(status))
     assert decision.action is Action.DONE
 
 
@@ -76,7 +69,7 @@ def test_a_finished_run_is_done_even_with_failed_campaigns(status: RunStatus) ->
 )
 def test_what_retrying_cannot_fix_is_not_retried(error: Exception) -> None:
     for outcome, raised in ((_outcome(RunStatus.FAILED, error), None), (None, error)):
-        decision = decide(1, POLICY, random.Random(1), outcome=outcome, error=raised)
+        decision = decide_next(1, POLICY, random.Random(1), outcome=outcome, error=raised)
         assert decision.action is Action.GIVE_UP
         assert type(error).__name__ in decision.reason
 
@@ -92,7 +85,7 @@ def test_what_retrying_cannot_fix_is_not_retried(error: Exception) -> None:
     ],
 )
 def test_transient_failures_are_retried_with_the_next_attempt_number(error: Exception) -> None:
-    decision = decide(2, POLICY, random.Random(1), error=error)
+    decision = decide_next(2, POLICY, random.Random(1), error=error)
     assert decision.action is Action.RETRY
     assert decision.next_attempt == 3
     assert 10.0 <= decision.delay <= 20.0  # half to all of 10 * 2**(2-1)
@@ -100,31 +93,31 @@ def test_transient_failures_are_retried_with_the_next_attempt_number(error: Exce
 
 def test_a_failed_run_with_a_transient_cause_is_retried() -> None:
     outcome = _outcome(RunStatus.FAILED, TransientError("platform down"))
-    assert decide(1, POLICY, random.Random(1), outcome=outcome).action is Action.RETRY
+    assert decide_next(1, POLICY, random.Random(1), outcome=outcome).action is Action.RETRY
 
 
 def test_attempts_run_out() -> None:
-    decision = decide(4, POLICY, random.Random(1), error=TransientError("503"))
+    decision = decide_next(4, POLICY, random.Random(1), error=TransientError("503"))
     assert decision.action is Action.GIVE_UP
     assert "after 4 attempts" in decision.reason
     assert "resumable" in decision.reason
 
 
 def test_an_unknown_bug_is_not_retried() -> None:
-    decision = decide(1, POLICY, random.Random(1), error=KeyError("oops"))
+    decision = decide_next(1, POLICY, random.Random(1), error=KeyError("oops"))
     assert decision.action is Action.GIVE_UP
 
 
 def test_an_interrupted_run_is_handed_over_when_the_worker_stops() -> None:
     outcome = _outcome(RunStatus.INTERRUPTED)
-    stopping = decide(3, POLICY, random.Random(1), outcome=outcome, stopping=True)
+    stopping = decide_next(3, POLICY, random.Random(1), outcome=outcome, stopping=True)
     assert (stopping.action, stopping.next_attempt, stopping.delay) == (Action.CONTINUE, 3, 0.0)
     # Without a stop, a run is interrupted by its lease: taken over, the new holder
     # finishes it; not renewable (database trouble), another attempt resumes it.
     taken = replace(outcome, taken_over=True, error="another process took the run over")
-    assert decide(3, POLICY, random.Random(1), outcome=taken).action is Action.DONE
+    assert decide_next(3, POLICY, random.Random(1), outcome=taken).action is Action.DONE
     lapsed = replace(outcome, error="could not renew the run's lease; resumable")
-    retry = decide(3, POLICY, random.Random(1), outcome=lapsed)
+    retry = decide_next(3, POLICY, random.Random(1), outcome=lapsed)
     assert (retry.action, retry.next_attempt) == (Action.RETRY, 4)
     assert "could not renew" in retry.reason
 
@@ -264,7 +257,7 @@ async def test_a_hanging_database_is_blamed_not_the_event_loop() -> None:
     db = _HangingDatabase()
     app = cast(procrastinate.App, db)
     watcher = asyncio.create_task(
-        worker.watch_health(app, health, WorkerMetrics(Metrics().registry), every=0.001)
+        watch_health(app, health, WorkerMetrics(Metrics().registry), every=0.001)
     )
     try:
         await asyncio.sleep(0.01)
@@ -298,11 +291,11 @@ async def test_the_jobs_of_a_worker_share_one_writer_rate_log_and_margin(
         calls.append(kwargs)
         return _outcome(RunStatus.SUCCEEDED)
 
-    monkeypatch.setattr(worker, "sync_account", fake_sync)
     store = SqlStore.from_url(f"sqlite:///{tmp_path / 'w.db'}")
     metrics = Metrics()
     runtime = WorkerRuntime(
         store=store,
+        sync=fake_sync,
         concurrency=4,
         accounts_file=accounts,
         policy=POLICY,
@@ -341,7 +334,6 @@ async def test_a_job_run_again_after_its_run_ended_does_not_sync_again(
         calls.append(settings.client_id)
         return _outcome(RunStatus.SUCCEEDED)
 
-    monkeypatch.setattr(worker, "sync_account", fake_sync)
     store = SqlStore.from_url(f"sqlite:///{tmp_path / 'w.db'}")
     store.upgrade()
     now = datetime.now(UTC)
@@ -361,6 +353,7 @@ async def test_a_job_run_again_after_its_run_ended_does_not_sync_again(
     metrics = Metrics()
     runtime = WorkerRuntime(
         store=store,
+        sync=fake_sync,
         accounts_file=accounts,
         policy=POLICY,
         stalled_after=60.0,
@@ -386,7 +379,7 @@ async def test_a_job_run_again_after_its_run_ended_does_not_sync_again(
 )
 def test_a_patient_store_retries_for_at_least_its_patience(patience: float, attempts: int) -> None:
     # 0.5, 1, 2, 4, 8, then 10 s apart: the store's own backoff (wait doubling, capped).
-    assert worker.retries_within(patience, wait=0.5, wait_max=10.0) == attempts
+    assert retries_within(patience, wait=0.5, wait_max=10.0) == attempts
 
 
 async def test_a_job_queue_worker_that_ends_by_itself_is_started_again() -> None:
@@ -403,7 +396,7 @@ async def test_a_job_queue_worker_that_ends_by_itself_is_started_again() -> None
                 return  # ended by itself (its listener failed)
             requested.set()  # the third runs until the stop
 
-    await worker._supervised(
+    await supervise(
         cast(procrastinate.App, _App()),
         requested,
         random.Random(1),
@@ -429,7 +422,7 @@ def test_unservable_accounts_are_named_with_what_is_missing_and_leave_the_worker
     )
     monkeypatch.setenv("UNIT_OK_PASSWORD", "pw")
     monkeypatch.delenv("UNIT_MISSING_PASSWORD", raising=False)
-    problems = worker.unservable_accounts(accounts)
+    problems = unservable_accounts(accounts)
     assert sorted(problems) == ["no-env", "no-file"]  # a disabled account is not served
     assert "UNIT_MISSING_PASSWORD" in problems["no-env"]
     assert "absent" in problems["no-file"]

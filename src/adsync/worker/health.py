@@ -1,0 +1,222 @@
+"""The worker's health: is its event loop turning, is its database answering, which
+accounts it cannot serve; what ``/healthz`` reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import procrastinate
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from adsync.metrics import WorkerMetrics, check_port, listen_error
+from adsync.worker.queue import db_error_name
+
+if TYPE_CHECKING:
+    from adsync.worker.runtime import WorkerRuntime
+
+__all__ = ["Health", "HealthServer", "watch_accounts", "watch_health"]
+
+log = structlog.get_logger("adsync.worker")
+
+
+@dataclass(slots=True)
+class Health:
+    """What ``/healthz`` reports: is the event loop turning, is the database answering.
+
+    Written on the event loop (:func:`watch_health`, the accounts check), read by the
+    HTTP thread. The loop and the database are watched apart, so a database that
+    hangs is reported as such, not as a silent loop.
+    """
+
+    max_silence: float
+    clock: Callable[[], float] = time.monotonic
+    loop_at: float | None = None
+    db_ok_at: float | None = None
+    db_error: str | None = None
+    # When the database check now waiting for its answer was sent.
+    db_asked_at: float | None = None
+    stopping: bool = False
+    # Enabled accounts this worker cannot serve, with why (their jobs go to other workers).
+    unservable: dict[str, str] = field(default_factory=dict)
+
+    def tick(self) -> None:
+        """The event loop is turning."""
+        self.loop_at = self.clock()
+
+    def report(self) -> tuple[bool, dict[str, Any]]:
+        """(healthy, body): unhealthy when the loop or the database is silent too long.
+
+        Accounts this worker cannot serve are listed but leave it healthy: it still
+        serves the others, and restarting it would not bring their secrets.
+        """
+        now = self.clock()
+        loop_age = None if self.loop_at is None else now - self.loop_at
+        db_age = None if self.db_ok_at is None else now - self.db_ok_at
+        problems: list[str] = []
+        if loop_age is None:
+            problems.append("worker loop not started")
+        elif loop_age > self.max_silence:
+            problems.append(f"worker loop silent for {loop_age:.0f}s")
+        if db_age is None or db_age > self.max_silence:
+            if self.db_asked_at is not None and now - self.db_asked_at > self.max_silence:
+                why = f"no reply for {now - self.db_asked_at:.0f}s"
+            else:
+                why = self.db_error or "no answer yet"
+            problems.append(f"database not answering ({why})")
+        unservable = dict(self.unservable)
+        status = "unhealthy" if problems else "degraded" if unservable else "ok"
+        body: dict[str, Any] = {
+            "status": status,
+            "problems": problems,
+            "loop_age_seconds": None if loop_age is None else round(loop_age, 3),
+            "database_age_seconds": None if db_age is None else round(db_age, 3),
+            "stopping": self.stopping,
+            "unservable_accounts": unservable,
+        }
+        return not problems, body
+
+
+async def watch_health(
+    app: procrastinate.App, health: Health, metrics: WorkerMetrics, every: float
+) -> None:
+    """Tick the loop timestamp and check the database every ``every`` seconds, forever.
+
+    Two tasks: a database check that hangs (a stopped proxy, a server that accepts
+    and never answers) must not stop the loop's ticks, or ``/healthz`` would blame
+    the loop for the database's silence.
+    """
+
+    async def ticks() -> None:
+        while True:
+            health.tick()
+            metrics.loop_time.set(time.time())
+            await asyncio.sleep(every)
+
+    ticking = asyncio.create_task(ticks(), name="health-ticks")
+    # Generous: a slow answer is still an answer. Past it, a check on a connection
+    # that died silently is given up for a new one.
+    patience = max(30.0, 3 * every)
+    try:
+        while True:
+            if health.db_asked_at is None:
+                health.db_asked_at = health.clock()
+            try:
+                async with asyncio.timeout(patience):
+                    ok = await app.check_connection_async()
+            except TimeoutError:
+                # Still no reply: db_asked_at keeps the time of the first question.
+                ok, health.db_error = False, "no reply"
+            except Exception as exc:  # noqa: BLE001 - any failure means "not answering"; keep watching
+                ok, health.db_error, health.db_asked_at = False, db_error_name(exc), None
+            else:
+                health.db_error = None if ok else "procrastinate tables missing"
+                health.db_asked_at = None
+            if ok:
+                health.db_ok_at = health.clock()
+            metrics.database_up.set(1 if ok else 0)
+            await asyncio.sleep(every)
+    finally:
+        ticking.cancel()
+        await asyncio.gather(ticking, return_exceptions=True)
+
+
+# A password file can become readable (or not) without the accounts file changing.
+_ACCOUNTS_RECHECK: Final = 60.0
+
+
+async def watch_accounts(runtime: WorkerRuntime, health: Health | None, *, every: float) -> None:
+    """Check the accounts' secrets again whenever the accounts file changes, forever.
+
+    Also once a minute, and ``/healthz`` gets what the checks and the jobs found.
+    """
+    seen: tuple[int, int, int] | None = None
+    checked = time.monotonic()
+    while True:
+        await asyncio.sleep(every)
+        signature = _file_signature(runtime.accounts_file)
+        if signature != seen or time.monotonic() - checked >= _ACCOUNTS_RECHECK:
+            if seen is not None and signature != seen:
+                log.info("accounts file changed; checking its accounts' secrets")
+            seen, checked = signature, time.monotonic()
+            # Reads every secret (files, the environment): off the event loop.
+            await asyncio.to_thread(runtime.check_accounts)
+        if health is not None:
+            health.unservable = runtime.unservable
+
+
+def _file_signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+class HealthServer:
+    """``/healthz`` (JSON, 200 or 503) and ``/metrics`` over HTTP, in a background thread."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        health: Health,
+        port: int,
+        addr: str = "127.0.0.1",
+        *,
+        options: tuple[str, str] = ("--health-port", "--health-addr"),
+    ) -> None:
+        handler = _handler(registry, health)
+        check_port(port, options[0])
+        try:
+            self._server = ThreadingHTTPServer((addr, port), handler)
+        except OSError as exc:
+            raise listen_error(exc, port, addr, options) from exc
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="adsync-health", daemon=True
+        )
+        self._thread.start()
+        self.port: int = self._server.server_address[1]
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+def _handler(registry: CollectorRegistry, health: Health) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/healthz":
+                ok, body = health.report()
+                self._send(200 if ok else 503, "application/json", json.dumps(body).encode())
+            elif path == "/metrics":
+                self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+            else:
+                self._send(
+                    404, "text/plain; charset=utf-8", b"not found: try /healthz or /metrics\n"
+                )
+
+        def _send(self, code: int, content_type: str, payload: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            # Probes every few seconds would drown the worker's own log lines.
+            return
+
+    return Handler
