@@ -25,9 +25,9 @@ from adsync.accounts import DEFAULT_ACCOUNTS_FILE, load_accounts, select
 from adsync.cli_common import VerboseOpt, database_url, err, errors, open_store
 from adsync.config import sqlalchemy_url
 from adsync.errors import ConfigError
-from adsync.metrics import Metrics, WorkerMetrics
+from adsync.metrics import Metrics, MetricsServer, WorkerMetrics
 from adsync.observability import configure_logging
-from adsync.worker.health import Health, HealthServer
+from adsync.worker.health import Health
 from adsync.worker.queue import Enqueued, enqueue_accounts, ensure_queue_schema
 from adsync.worker.runtime import WorkerRuntime
 from adsync.worker.schedule import next_ticks, schedule_cron
@@ -99,7 +99,13 @@ def worker(  # noqa: PLR0917 - a typer command takes one parameter per option
         server = (
             None
             if health_port is None
-            else HealthServer(metrics.registry, health, health_port, health_addr)
+            else MetricsServer(
+                metrics,
+                health_port,
+                health_addr,
+                options=("--health-port", "--health-addr"),
+                health=health.report,
+            )
         )
         try:
             store = open_store(url)

@@ -1,18 +1,25 @@
-"""Prometheus metrics of adsync, on a registry of their own (never the global one).
+"""Prometheus metrics of adsync, and the one HTTP server that serves them.
 
-Labels are bounded: client id, endpoint, outcome (an HTTP status or a failure
-kind), run status. Never a campaign id, a token or anything secret.
+The metrics live on a registry of their own (never the global one); the server
+also answers a worker's ``/healthz``. Labels are bounded: client id, endpoint,
+outcome (an HTTP status or a failure kind), run status. Never a campaign id, a
+token or anything secret.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import socket
 import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from adsync.client import RequestEvent
 from adsync.errors import ConfigError
@@ -214,8 +221,17 @@ def listen_error(exc: OSError, port: int, addr: str, options: tuple[str, str]) -
     )
 
 
+# A health check: (healthy, the JSON body that says why).
+HealthCheck = Callable[[], tuple[bool, Mapping[str, Any]]]
+
+
 class MetricsServer:
-    """``/metrics`` over HTTP in a background thread, stopped on close."""
+    """``/metrics`` over HTTP in a background thread, stopped on close.
+
+    Given a ``health`` check (a worker's), the same server answers ``/healthz`` too,
+    with its JSON body: 200 when healthy, 503 when not. Only those two paths are
+    served then; without it, every path serves the metrics.
+    """
 
     def __init__(
         self,
@@ -224,17 +240,71 @@ class MetricsServer:
         addr: str = "127.0.0.1",
         *,
         options: tuple[str, str] = ("--metrics-port", "--metrics-addr"),
+        health: HealthCheck | None = None,
     ) -> None:
         check_port(port, options[0])
+        app = make_wsgi_app(metrics.registry)
+        if health is not None:
+            app = _with_health(app, health)
         try:
-            server, thread = start_http_server(port, addr=addr, registry=metrics.registry)
+            self._server = _listen(addr, port, app)
         except OSError as exc:
             raise listen_error(exc, port, addr, options) from exc
-        self._server: WSGIServer = server
-        self._thread: threading.Thread = thread
-        self.port: int = server.server_port
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="adsync-metrics", daemon=True
+        )
+        self._thread.start()
+        self.port: int = self._server.server_port
 
     def close(self) -> None:
+        """Stop serving and release the port."""
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        # Scrapes and probes every few seconds would drown adsync's own log lines.
+        return
+
+
+def _listen(addr: str, port: int, app: WSGIApplication) -> WSGIServer:
+    # The address family is the address's own (``::1`` needs IPv6), as in
+    # prometheus_client's start_http_server.
+    family, _, _, _, sockaddr = socket.getaddrinfo(addr, port)[0]
+
+    class Server(_ThreadingServer):
+        address_family = family
+
+    return make_server(str(sockaddr[0]), port, app, Server, handler_class=_QuietHandler)
+
+
+def _with_health(metrics_app: WSGIApplication, health: HealthCheck) -> WSGIApplication:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return metrics_app(environ, start_response)
+        if path == "/healthz":
+            ok, body = health()
+            status = "200 OK" if ok else "503 Service Unavailable"
+            return _reply(start_response, status, "application/json", json.dumps(body).encode())
+        return _reply(
+            start_response,
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            b"not found: try /healthz or /metrics\n",
+        )
+
+    return app
+
+
+def _reply(
+    start_response: StartResponse, status: str, content_type: str, payload: bytes
+) -> list[bytes]:
+    start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(payload)))])
+    return [payload]

@@ -103,3 +103,29 @@ def test_metrics_match_the_simulator(tmp_path: Path) -> None:
     labels = {v for series in samples.values() for lab, _ in series for v in lab.values()}
     assert not any(v.startswith("campaign_") for v in labels)
     assert "SuperSecret123!" not in labels
+
+
+def test_one_server_answers_health_and_metrics() -> None:
+    metrics = Metrics()
+    metrics.in_progress.set(2)
+    state = {"healthy": True}
+
+    def health() -> tuple[bool, dict[str, object]]:
+        return state["healthy"], {"status": "ok" if state["healthy"] else "unhealthy"}
+
+    server = MetricsServer(metrics, 0, health=health)
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        ok = httpx.get(f"{base}/healthz", timeout=5)
+        state["healthy"] = False
+        sick = httpx.get(f"{base}/healthz?verbose=1", timeout=5)
+        samples = scrape(server.port)
+        other = httpx.get(f"{base}/", timeout=5)
+    finally:
+        server.close()
+    assert (ok.status_code, ok.json()) == (200, {"status": "ok"})
+    assert ok.headers["content-type"] == "application/json"
+    assert (sick.status_code, sick.json()) == (503, {"status": "unhealthy"})
+    assert samples["adsync_runs_in_progress"] == [({}, 2.0)]
+    assert other.status_code == 404
+    assert "/healthz" in other.text

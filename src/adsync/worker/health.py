@@ -5,26 +5,22 @@ accounts it cannot serve; what ``/healthz`` reports.
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import procrastinate
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from adsync.metrics import WorkerMetrics, check_port, listen_error
+from adsync.metrics import WorkerMetrics
 from adsync.worker.queue import db_error_name
 
 if TYPE_CHECKING:
     from adsync.worker.runtime import WorkerRuntime
 
-__all__ = ["Health", "HealthServer", "watch_accounts", "watch_health"]
+__all__ = ["Health", "watch_accounts", "watch_health"]
 
 log = structlog.get_logger("adsync.worker")
 
@@ -34,8 +30,9 @@ class Health:
     """What ``/healthz`` reports: is the event loop turning, is the database answering.
 
     Written on the event loop (:func:`watch_health`, the accounts check), read by the
-    HTTP thread. The loop and the database are watched apart, so a database that
-    hangs is reported as such, not as a silent loop.
+    metrics server's threads (:class:`adsync.metrics.MetricsServer`). The loop and the
+    database are watched apart, so a database that hangs is reported as such, not as
+    a silent loop.
     """
 
     max_silence: float
@@ -160,63 +157,3 @@ def _file_signature(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-
-
-class HealthServer:
-    """``/healthz`` (JSON, 200 or 503) and ``/metrics`` over HTTP, in a background thread."""
-
-    def __init__(
-        self,
-        registry: CollectorRegistry,
-        health: Health,
-        port: int,
-        addr: str = "127.0.0.1",
-        *,
-        options: tuple[str, str] = ("--health-port", "--health-addr"),
-    ) -> None:
-        handler = _handler(registry, health)
-        check_port(port, options[0])
-        try:
-            self._server = ThreadingHTTPServer((addr, port), handler)
-        except OSError as exc:
-            raise listen_error(exc, port, addr, options) from exc
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="adsync-health", daemon=True
-        )
-        self._thread.start()
-        self.port: int = self._server.server_address[1]
-
-    def close(self) -> None:
-        """Stop serving and release the port."""
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
-
-
-def _handler(registry: CollectorRegistry, health: Health) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/healthz":
-                ok, body = health.report()
-                self._send(200 if ok else 503, "application/json", json.dumps(body).encode())
-            elif path == "/metrics":
-                self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
-            else:
-                self._send(
-                    404, "text/plain; charset=utf-8", b"not found: try /healthz or /metrics\n"
-                )
-
-        def _send(self, code: int, content_type: str, payload: bytes) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            # Probes every few seconds would drown the worker's own log lines.
-            return
-
-    return Handler
