@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from adsync.config import CLIENT_ID_PATTERN, MAX_SECONDS, Settings, load_settings
 from adsync.errors import ConfigError
-from adsync.models import describe_problems
+from adsync.validation import describe_problems
 
 DEFAULT_ACCOUNTS_FILE = "accounts.toml"
 
@@ -173,7 +173,7 @@ def parse_accounts(
         try:
             entry = AccountEntry.model_validate(item)
         except ValidationError as exc:
-            raise ConfigError(f"{label}: {describe_problems(exc, 'entry')}") from None
+            raise ConfigError(f"{label}: {describe_problems(exc, whole='entry')}") from None
         if entry.client_id in seen:
             raise ConfigError(f"{label}: client_id {entry.client_id!r} appears twice")
         seen.add(entry.client_id)

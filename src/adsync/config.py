@@ -13,6 +13,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adsync.errors import ConfigError
+from adsync.validation import describe_problems
 
 DEFAULT_DATABASE_URL = "sqlite:///adsync.db"
 
@@ -140,13 +141,7 @@ ENV_NAMES: dict[str, str] = {
 
 def describe_validation_error(exc: ValidationError) -> str:
     """One line naming each bad setting by its environment variable, never its value."""
-    parts = []
-    for err in exc.errors(include_url=False, include_input=False):
-        loc = str(err["loc"][0]) if err["loc"] else "?"
-        name = ENV_NAMES.get(loc, loc)
-        msg = "is not set" if err["type"] == "missing" else str(err["msg"]).lower()
-        parts.append(f"{name} {msg}")
-    return "invalid configuration: " + "; ".join(parts)
+    return "invalid configuration: " + describe_problems(exc, whole="settings", env_names=ENV_NAMES)
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -15,16 +15,9 @@ from typing import Any, TypeGuard
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from adsync.errors import PayloadError
+from adsync.validation import describe_problems
 
 MAX_BIGINT = 2**63 - 1
-
-
-def describe_problems(exc: ValidationError, whole: str = "item") -> str:
-    """Each problem as ``field: message``, never the offending input (it may be a secret)."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or whole}: {err['msg']}"
-        for err in exc.errors(include_url=False, include_input=False)
-    )
 
 
 MAX_ID_LENGTH = 255

@@ -7,6 +7,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adsync.config import MAX_SECONDS
 from adsync.errors import ConfigError
+from adsync.validation import describe_problems
 from adsync.worker.policy import JobRetryPolicy
 from adsync.worker.schedule import recovery_cron, schedule_cron
 
@@ -75,11 +76,8 @@ def load_worker_settings() -> WorkerSettings:
     try:
         settings = WorkerSettings()
     except ValidationError as exc:
-        parts = [
-            f"{'.'.join(str(p) for p in e['loc']) or 'worker settings'}: {e['msg']}"
-            for e in exc.errors(include_url=False, include_input=False)
-        ]
-        raise ConfigError("invalid worker settings: " + "; ".join(parts)) from None
+        problems = describe_problems(exc, whole="worker settings")
+        raise ConfigError(f"invalid worker settings: {problems}") from None
     schedule_cron(settings.schedule_minutes)
     recovery_cron(settings.recovery_every_seconds)
     return settings
