@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from adsync.errors import (
     AdsyncError,
@@ -19,6 +19,7 @@ from adsync.errors import (
     StoreError,
 )
 from adsync.models import RunStatus
+from adsync.retry import full_jitter_backoff
 
 if TYPE_CHECKING:
     from adsync.sync import SyncOutcome
@@ -57,6 +58,16 @@ class Decision:
     run_id: str | None = None
 
 
+class _TopOfRange(random.Random):
+    """Draws the top of every range: full jitter's ceiling, the capped doubling itself."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+_TOP: Final = _TopOfRange()
+
+
 @dataclass(frozen=True, slots=True)
 class JobRetryPolicy:
     """Backoff of failed attempts: exponential, capped, jittered."""
@@ -68,11 +79,18 @@ class JobRetryPolicy:
     def delay(self, attempt: int, rng: random.Random) -> float:
         """Seconds before the attempt after ``attempt``: half to all of the capped doubling.
 
-        The random half keeps accounts that failed together (platform down for all)
-        from coming back in lockstep.
+        The fixed half gives what failed time to come back; the other half is
+        :func:`adsync.retry.full_jitter_backoff`, which keeps accounts that failed
+        together (platform down for all) from coming back in lockstep.
         """
-        base = min(self.maximum, self.initial * 2.0 ** max(0, attempt - 1))
-        return base * (0.5 + rng.random() / 2)
+
+        def half(rng: random.Random) -> float:
+            return full_jitter_backoff(
+                attempt, initial=self.initial / 2, maximum=self.maximum / 2, rng=rng
+            )
+
+        # The top of the half-range, plus a draw within it.
+        return half(_TOP) + half(rng)
 
 
 def is_retryable_job_error(error: BaseException) -> bool:
