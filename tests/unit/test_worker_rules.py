@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +18,7 @@ import sqlalchemy as sa
 from hypothesis import given
 from hypothesis import strategies as st
 
+from adsync.clock import FakeClock
 from adsync.config import Settings
 from adsync.errors import (
     AuthError,
@@ -31,7 +33,7 @@ from adsync.metrics import Metrics, WorkerMetrics
 from adsync.models import RunCounters, RunStatus
 from adsync.store import SqlStore, make_owner, sync_runs
 from adsync.sync import SyncOutcome
-from adsync.worker.health import Health, watch_health
+from adsync.worker.health import Health, watch_accounts, watch_health
 from adsync.worker.policy import Action, JobRetryPolicy, decide_next
 from adsync.worker.runtime import WorkerRuntime, retries_within, unservable_accounts
 from adsync.worker.schedule import next_ticks, recovery_cron, schedule_cron
@@ -197,22 +199,20 @@ def test_sqlite_has_no_job_queue() -> None:
         queue_conninfo("sqlite:///adsync.db")
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+async def _turns(count: int = 5) -> None:
+    """Let the event loop run its other tasks ``count`` times (no time passes)."""
+    for _ in range(count):
+        await asyncio.sleep(0)
 
 
 def test_health_needs_a_turning_loop_and_an_answering_database() -> None:
-    clock = _Clock()
+    clock = FakeClock()
     health = Health(max_silence=5.0, clock=clock)
     ok, body = health.report()
     assert not ok
     assert "worker loop not started" in body["problems"]
 
-    health.loop_at = health.db_ok_at = clock.now
+    health.loop_at = health.db_ok_at = clock.monotonic()
     assert health.report() == (
         True,
         {
@@ -225,15 +225,15 @@ def test_health_needs_a_turning_loop_and_an_answering_database() -> None:
         },
     )
 
-    clock.now += 6
-    health.loop_at = clock.now  # the loop turns, the database stopped answering
+    clock.advance(6)
+    health.loop_at = clock.monotonic()  # the loop turns, the database stopped answering
     health.db_error = "ConnectorException"
     ok, body = health.report()
     assert not ok
     assert body["problems"] == ["database not answering (ConnectorException)"]
 
-    health.db_ok_at = clock.now
-    clock.now += 6  # now the loop is stuck too
+    health.db_ok_at = clock.monotonic()
+    clock.advance(6)  # now the loop is stuck too
     ok, body = health.report()
     assert body["problems"][0] == "worker loop silent for 6s"
 
@@ -252,7 +252,7 @@ class _HangingDatabase:
 
 
 async def test_a_hanging_database_is_blamed_not_the_event_loop() -> None:
-    clock = _Clock()
+    clock = FakeClock()
     health = Health(max_silence=5.0, clock=clock)
     db = _HangingDatabase()
     app = cast(procrastinate.App, db)
@@ -260,10 +260,10 @@ async def test_a_hanging_database_is_blamed_not_the_event_loop() -> None:
         watch_health(app, health, WorkerMetrics(Metrics().registry), every=0.001)
     )
     try:
-        await asyncio.sleep(0.01)
+        await _turns()
         assert db.checks == 1
-        clock.now += 20  # twenty seconds without an answer; the loop keeps turning
-        await asyncio.sleep(0.01)
+        clock.advance(20)  # twenty seconds without an answer; the loop keeps turning
+        await _turns()
         ok, body = health.report()
     finally:
         watcher.cancel()
@@ -271,6 +271,94 @@ async def test_a_hanging_database_is_blamed_not_the_event_loop() -> None:
     assert not ok
     assert body["problems"] == ["database not answering (no reply for 20s)"]
     assert body["loop_age_seconds"] < 1
+
+
+class _AnsweringDatabase:
+    def __init__(self) -> None:
+        self.checks = 0
+
+    async def check_connection_async(self) -> bool:
+        self.checks += 1
+        return True
+
+
+async def test_the_health_watch_keeps_time_and_sleeps_by_the_injected_clock() -> None:
+    clock = FakeClock()
+    health = Health(max_silence=30.0, clock=clock)
+    registry = Metrics().registry
+    db = _AnsweringDatabase()
+    watcher = asyncio.create_task(
+        watch_health(cast(procrastinate.App, db), health, WorkerMetrics(registry), every=10.0)
+    )
+    try:
+        await _turns()
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+    # Both the ticks and the database checks waited through the clock: no real time
+    # passed, fake time did, and the database was asked again after each wait.
+    assert clock.sleeps
+    assert set(clock.sleeps) == {10.0}
+    assert db.checks >= 2
+    assert health.loop_at is not None
+    assert health.loop_at >= 1_000.0 + 10.0
+    # The loop's timestamp is the clock's wall time at its last tick.
+    wall_offset = clock.wall() - clock.monotonic()
+    loop_time = registry.get_sample_value("adsync_worker_loop_timestamp_seconds")
+    assert loop_time == health.loop_at + wall_offset
+    assert health.report()[0]
+
+
+async def _until(condition: Callable[[], bool], turns: int = 100_000) -> None:
+    """Let the loop run until ``condition`` holds (threads finish meanwhile); no sleeping."""
+    for _ in range(turns):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")
+
+
+async def test_the_accounts_are_checked_again_on_a_change_or_once_a_minute_by_the_clock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    accounts = tmp_path / "accounts.toml"
+    entry = '[[accounts]]\nclient_id = "c0"\nemail = "c0@example.com"\n'
+    accounts.write_text(entry + 'password_env = "UNIT_WORKER_PASSWORD"\n')
+    monkeypatch.setenv("UNIT_WORKER_PASSWORD", "pw")
+    store = SqlStore.from_url(f"sqlite:///{tmp_path / 'w.db'}")
+    metrics = Metrics()
+    runtime = WorkerRuntime(
+        store=store,
+        accounts_file=accounts,
+        policy=POLICY,
+        stalled_after=60.0,
+        metrics=metrics,
+        worker_metrics=WorkerMetrics(metrics.registry),
+    )
+    clock = FakeClock()
+    start = clock.monotonic()
+    health = Health(max_silence=5.0, clock=clock)
+    watcher = asyncio.create_task(watch_accounts(runtime, health, every=1.0))
+    try:
+        await _until(lambda: clock.monotonic() >= start + 2)  # the first check is done
+        # A secret can go away without the accounts file changing: seen within a minute.
+        monkeypatch.delenv("UNIT_WORKER_PASSWORD")
+        await _until(lambda: "c0" in health.unservable)
+        noticed_after = clock.monotonic() - start
+        # A change of the file is looked at on the next tick.
+        accounts.write_text(entry + 'password_env = "UNIT_OTHER_PASSWORD"\n')
+        monkeypatch.setenv("UNIT_OTHER_PASSWORD", "pw")
+        changed_at = clock.monotonic()
+        await _until(lambda: not health.unservable)
+        fixed_after = clock.monotonic() - changed_at
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        await runtime.aclose()
+        store.dispose()
+    assert 60.0 <= noticed_after <= 62.0
+    assert fixed_after <= 2.0
+    assert set(clock.sleeps) == {1.0}
 
 
 async def test_the_jobs_of_a_worker_share_one_writer_rate_log_and_margin(
@@ -427,9 +515,9 @@ def test_unservable_accounts_are_named_with_what_is_missing_and_leave_the_worker
     assert "UNIT_MISSING_PASSWORD" in problems["no-env"]
     assert "absent" in problems["no-file"]
 
-    clock = _Clock()
+    clock = FakeClock()
     health = Health(max_silence=5.0, clock=clock, unservable=problems)
-    health.loop_at = health.db_ok_at = clock.now
+    health.loop_at = health.db_ok_at = clock.monotonic()
     ok, body = health.report()
     assert ok
     assert body["status"] == "degraded"

@@ -5,8 +5,6 @@ accounts it cannot serve; what ``/healthz`` reports.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -14,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 import procrastinate
 import structlog
 
+from adsync.clock import Clock, SystemClock
 from adsync.metrics import WorkerMetrics
 from adsync.worker.queue import db_error_name
 
@@ -32,11 +31,12 @@ class Health:
     Written on the event loop (:func:`watch_health`, the accounts check), read by the
     metrics server's threads (:class:`adsync.metrics.MetricsServer`). The loop and the
     database are watched apart, so a database that hangs is reported as such, not as
-    a silent loop.
+    a silent loop. Its times are ``clock``'s monotonic ones; the watches that write
+    it keep time and sleep by the same clock.
     """
 
     max_silence: float
-    clock: Callable[[], float] = time.monotonic
+    clock: Clock = field(default_factory=SystemClock)
     loop_at: float | None = None
     db_ok_at: float | None = None
     db_error: str | None = None
@@ -48,7 +48,7 @@ class Health:
 
     def tick(self) -> None:
         """The event loop is turning."""
-        self.loop_at = self.clock()
+        self.loop_at = self.clock.monotonic()
 
     def report(self) -> tuple[bool, dict[str, Any]]:
         """(healthy, body): unhealthy when the loop or the database is silent too long.
@@ -56,7 +56,7 @@ class Health:
         Accounts this worker cannot serve are listed but leave it healthy: it still
         serves the others, and restarting it would not bring their secrets.
         """
-        now = self.clock()
+        now = self.clock.monotonic()
         loop_age = None if self.loop_at is None else now - self.loop_at
         db_age = None if self.db_ok_at is None else now - self.db_ok_at
         problems: list[str] = []
@@ -90,14 +90,15 @@ async def watch_health(
 
     Two tasks: a database check that hangs (a stopped proxy, a server that accepts
     and never answers) must not stop the loop's ticks, or ``/healthz`` would blame
-    the loop for the database's silence.
+    the loop for the database's silence. Time and waits are ``health.clock``'s.
     """
+    clock = health.clock
 
     async def ticks() -> None:
         while True:
             health.tick()
-            metrics.loop_time.set(time.time())
-            await asyncio.sleep(every)
+            metrics.loop_time.set(clock.wall())
+            await clock.sleep(every)
 
     ticking = asyncio.create_task(ticks(), name="health-ticks")
     # Generous: a slow answer is still an answer. Past it, a check on a connection
@@ -106,7 +107,7 @@ async def watch_health(
     try:
         while True:
             if health.db_asked_at is None:
-                health.db_asked_at = health.clock()
+                health.db_asked_at = clock.monotonic()
             try:
                 async with asyncio.timeout(patience):
                     ok = await app.check_connection_async()
@@ -119,9 +120,9 @@ async def watch_health(
                 health.db_error = None if ok else "procrastinate tables missing"
                 health.db_asked_at = None
             if ok:
-                health.db_ok_at = health.clock()
+                health.db_ok_at = clock.monotonic()
             metrics.database_up.set(1 if ok else 0)
-            await asyncio.sleep(every)
+            await clock.sleep(every)
     finally:
         ticking.cancel()
         await asyncio.gather(ticking, return_exceptions=True)
@@ -131,24 +132,25 @@ async def watch_health(
 _ACCOUNTS_RECHECK: Final = 60.0
 
 
-async def watch_accounts(runtime: WorkerRuntime, health: Health | None, *, every: float) -> None:
+async def watch_accounts(runtime: WorkerRuntime, health: Health, *, every: float) -> None:
     """Check the accounts' secrets again whenever the accounts file changes, forever.
 
     Also once a minute, and ``/healthz`` gets what the checks and the jobs found.
+    Time and waits are ``health.clock``'s.
     """
+    clock = health.clock
     seen: tuple[int, int, int] | None = None
-    checked = time.monotonic()
+    checked = clock.monotonic()
     while True:
-        await asyncio.sleep(every)
+        await clock.sleep(every)
         signature = _file_signature(runtime.accounts_file)
-        if signature != seen or time.monotonic() - checked >= _ACCOUNTS_RECHECK:
+        if signature != seen or clock.monotonic() - checked >= _ACCOUNTS_RECHECK:
             if seen is not None and signature != seen:
                 log.info("accounts file changed; checking its accounts' secrets")
-            seen, checked = signature, time.monotonic()
+            seen, checked = signature, clock.monotonic()
             # Reads every secret (files, the environment): off the event loop.
             await asyncio.to_thread(runtime.check_accounts)
-        if health is not None:
-            health.unservable = runtime.unservable
+        health.unservable = runtime.unservable
 
 
 def _file_signature(path: Path) -> tuple[int, int, int] | None:

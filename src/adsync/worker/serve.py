@@ -33,7 +33,7 @@ async def serve(
     settings: WorkerSettings,
     *,
     concurrency: int,
-    health: Health | None = None,
+    health: Health,
 ) -> int:
     """Run the sync and maintenance workers until SIGTERM/SIGINT; the exit code.
 
@@ -53,8 +53,7 @@ async def serve(
         received.append(signum)
         if len(received) == 1:
             log.info("stopping: no new jobs; running syncs finish their calls, left resumable")
-            if health is not None:
-                health.stopping = True
+            health.stopping = True
             runtime.stop_gracefully()
             requested.set()
         else:
@@ -107,7 +106,7 @@ async def _run_workers(
     settings: WorkerSettings,
     *,
     concurrency: int,
-    health: Health | None,
+    health: Health,
     requested: asyncio.Event,
     common: dict[str, Any],
 ) -> bool:
@@ -144,11 +143,13 @@ async def _run_workers(
         ),
     ]
     stop_requested: asyncio.Task[Any] = asyncio.create_task(requested.wait())
-    accounts = watch_accounts(runtime, health, every=settings.heartbeat_seconds)
-    extras: list[asyncio.Task[Any]] = [stop_requested, asyncio.create_task(accounts)]
-    if health is not None:
-        watch = watch_health(app, health, runtime.worker_metrics, settings.heartbeat_seconds)
-        extras.append(asyncio.create_task(watch))
+    extras: list[asyncio.Task[Any]] = [
+        stop_requested,
+        asyncio.create_task(watch_accounts(runtime, health, every=settings.heartbeat_seconds)),
+        asyncio.create_task(
+            watch_health(app, health, runtime.worker_metrics, settings.heartbeat_seconds)
+        ),
+    ]
     log.info("worker started", concurrency=concurrency)
     await asyncio.wait([*workers, stop_requested], return_when=asyncio.FIRST_COMPLETED)
     died = not requested.is_set()
