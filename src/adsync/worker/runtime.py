@@ -13,13 +13,12 @@ import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import procrastinate
 import structlog
 
 from adsync.accounts import load_accounts, select
-from adsync.config import Settings
 from adsync.errors import ConfigError
 from adsync.metrics import Metrics, WorkerMetrics
 from adsync.observability import REDACTOR
@@ -44,23 +43,8 @@ log = structlog.get_logger("adsync.worker")
 # Where the runtime rides in Procrastinate's job context.
 RUNTIME_KEY: Final = "adsync"
 
-
-class SyncAccount(Protocol):
-    """How a job syncs one account (:func:`adsync.runner.sync_account`)."""
-
-    def __call__(
-        self,
-        settings: Settings,
-        store: SqlStore,
-        *,
-        stop: asyncio.Event | None = None,
-        metrics: Metrics | None = None,
-        owner: str | None = None,
-        send_log: SendLogBatcher | None = None,
-        margin: Margin | None = None,
-        writer: RunWriter | None = None,
-        accounts: int = 1,
-    ) -> Awaitable[SyncOutcome]: ...
+# What syncs one account: :func:`adsync.runner.sync_account`'s signature.
+SyncAccount = Callable[..., Awaitable[SyncOutcome]]
 
 
 _PATIENT_WAIT: Final = 0.5

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -98,33 +99,28 @@ def build_app(conninfo: str, settings: WorkerSettings, *, pool_size: int = 10) -
     )
     app = procrastinate.App(connector=connector)
     app.task(name=SYNC_TASK, queue=QUEUE_SYNC, pass_context=True)(_sync_task)
-    schedule = app.task(
-        name=SCHEDULE_TASK,
-        queue=QUEUE_MAINTENANCE,
-        pass_context=True,
-        queueing_lock=SCHEDULE_TASK,
-    )(_schedule_task)
+    schedule = _maintenance_task(app, SCHEDULE_TASK, _schedule_task)
     cron = schedule_cron(settings.schedule_minutes)
     if cron is not None:
         app.periodic(cron=cron, periodic_id="accounts")(schedule)
-    recover = app.task(
-        name=RECOVER_TASK,
-        queue=QUEUE_MAINTENANCE,
-        pass_context=True,
-        queueing_lock=RECOVER_TASK,
-    )(_recover_task)
+    recover = _maintenance_task(app, RECOVER_TASK, _recover_task)
     app.periodic(cron=recovery_cron(settings.recovery_every_seconds), periodic_id="stalled")(
         recover
     )
-    prune = app.task(
-        name=PRUNE_TASK, queue=QUEUE_MAINTENANCE, pass_context=True, queueing_lock=PRUNE_TASK
-    )(_prune_task)
+    prune = _maintenance_task(app, PRUNE_TASK, _prune_task)
     app.periodic(
         cron=PRUNE_CRON,
         periodic_id="retention",
         task_kwargs={"max_hours": settings.job_retention_hours},
     )(prune)
     return app
+
+
+def _maintenance_task(
+    app: procrastinate.App, name: str, body: Callable[..., Awaitable[dict[str, Any]]]
+) -> procrastinate.tasks.Task[Any, Any, Any]:
+    """``body`` as a task of the maintenance queue, with at most one job of it waiting."""
+    return app.task(name=name, queue=QUEUE_MAINTENANCE, pass_context=True, queueing_lock=name)(body)
 
 
 def job_owner(job_id: int | None) -> str | None:
