@@ -1,5 +1,7 @@
-"""The worker's health: is its event loop turning, is its database answering, which
-accounts it cannot serve; what ``/healthz`` reports.
+"""What a worker's ``/healthz`` reports, and the watches that keep it up to date.
+
+Healthy: its event loop turns and its database answers. The accounts it cannot
+serve are listed too.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ log = structlog.get_logger("adsync.worker")
 
 
 def build_app(conninfo: str, settings: WorkerSettings, *, pool_size: int = 10) -> procrastinate.App:
-    """The Procrastinate app: the three tasks and their schedules, over ``conninfo``.
+    """The Procrastinate app: its four tasks and their schedules, over ``conninfo``.
 
     Build it at the edge (CLI, tests, bench) and open it with ``app.open_async()``.
     """
@@ -176,7 +176,7 @@ async def run_sync_job(
     with runtime.job_stop() as stop:
         attempt_ = _Attempt(runtime, client_id, attempt, job_id, run_id, stop, bound)
         try:
-            decision = await attempt_.decide()
+            decision = await attempt_.run()
         except asyncio.CancelledError:
             # Aborted: a second signal, or the grace period ran out. The run is
             # already recorded interrupted; when the worker is going away, someone
@@ -220,7 +220,7 @@ class _Attempt:
         self.log = bound
         self.outcome: SyncOutcome | None = None
 
-    async def decide(self) -> Decision:
+    async def run(self) -> Decision:
         """Sync (or skip, hand back, wait); what follows."""
         settings = self._settings()
         if isinstance(settings, Decision):
