@@ -96,10 +96,10 @@ class JobRetryPolicy:
 def is_retryable_job_error(error: BaseException) -> bool:
     """Whether another attempt at an account's sync can succeed where this one failed.
 
-    About a whole attempt, after the client's and the store's own retries: not
-    :func:`adsync.retry.is_transient` (one platform request) nor the store's rule for
-    one transaction. A platform or database still down after those is worth an
-    attempt later; credentials or configuration are not.
+    About a whole attempt, after the client's retries of each request and the
+    store's of each transaction (their own rules, in ``retry.py`` and the store): a
+    platform or database still down after those is worth an attempt later;
+    credentials or configuration are not.
     """
     if isinstance(error, ConfigError | AuthError | PermanentError):
         return False
