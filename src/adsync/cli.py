@@ -43,7 +43,7 @@ from adsync.runner import (
 )
 from adsync.simulator.cli import simulate
 from adsync.store import SqlStore, database_secrets
-from adsync.sync import Progress as RunProgress
+from adsync.sync import RunProgress
 from adsync.sync import SyncOutcome
 
 app = typer.Typer(

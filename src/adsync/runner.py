@@ -27,7 +27,7 @@ from adsync.observability import REDACTOR
 from adsync.ratelimit import Margin, RateBudget, SendLogBatcher
 from adsync.retry import RetryPolicy
 from adsync.store import SqlStore, make_owner
-from adsync.sync import PipelineOptions, Progress, RunWriter, SyncJob, SyncOutcome
+from adsync.sync import PipelineOptions, RunProgress, RunWriter, SyncJob, SyncOutcome
 
 EXIT_OK = 0
 EXIT_FAILURES = 1
@@ -145,7 +145,7 @@ async def sync_account(
     *,
     clock: Clock | None = None,
     stop: asyncio.Event | None = None,
-    on_progress: Callable[[Progress], None] | None = None,
+    on_progress: Callable[[RunProgress], None] | None = None,
     metrics: Metrics | None = None,
     owner: str | None = None,
     send_log: SendLogBatcher | None = None,
@@ -247,7 +247,7 @@ async def sync_many(
     *,
     clock: Clock | None = None,
     stop: asyncio.Event | None = None,
-    on_progress: Callable[[Progress], None] | None = None,
+    on_progress: Callable[[RunProgress], None] | None = None,
     metrics: Metrics | None = None,
     signalled: Callable[[], int | None] = lambda: None,
 ) -> list[AccountResult]:

@@ -123,7 +123,7 @@ NUDGE = Nudge()
 
 
 @dataclass(frozen=True, slots=True)
-class Progress:
+class RunProgress:
     """A snapshot of a run for progress displays and logs."""
 
     client_id: str
@@ -186,7 +186,7 @@ class SyncJob:
         clock: Clock,
         options: PipelineOptions,
         stop: asyncio.Event | None = None,
-        on_progress: Callable[[Progress], None] | None = None,
+        on_progress: Callable[[RunProgress], None] | None = None,
         metrics: Metrics | None = None,
         writer: RunWriter | None = None,
     ) -> None:
@@ -681,7 +681,7 @@ class SyncJob:
                 pages_left = max(0, pages - len(self._listing.pages_fetched))
             eta = self._client.budget.seconds_for(remaining_syncs + pages_left)
         self._on_progress(
-            Progress(
+            RunProgress(
                 client_id=self._client_id,
                 run_id=self._run_id,
                 total=total,

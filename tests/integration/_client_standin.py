@@ -23,7 +23,7 @@ from adsync.clock import Clock, SystemClock
 from adsync.config import sqlalchemy_url
 from adsync.models import Campaign, ListedItem, Page, SyncReceipt
 from adsync.store import metadata
-from adsync.sync import PipelineOptions, Progress, SyncJob
+from adsync.sync import PipelineOptions, RunProgress, SyncJob
 
 
 def campaign(number: int, **changes: Any) -> Campaign:
@@ -85,7 +85,7 @@ def job(
     owner: str = "host-a:100:aaaa",
     clock: Clock | None = None,
     stop: asyncio.Event | None = None,
-    on_progress: Callable[[Progress], None] | None = None,
+    on_progress: Callable[[RunProgress], None] | None = None,
     **options: Any,
 ) -> SyncJob:
     """A SyncJob over the stand-in, as ``adsync sync`` would build it."""
