@@ -21,6 +21,14 @@ from adsync.client import PlatformClient, RequestEvent
 from adsync.clock import Clock, SystemClock
 from adsync.config import Settings
 from adsync.errors import AdsyncError, AuthError, ConfigError
+from adsync.exit_codes import (
+    EXIT_AUTH,
+    EXIT_CONFIG,
+    EXIT_FAILURES,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+)
 from adsync.metrics import Metrics
 from adsync.models import RunStatus
 from adsync.observability import REDACTOR
@@ -28,13 +36,6 @@ from adsync.ratelimit import Margin, RateBudget, SendLogBatcher
 from adsync.retry import RetryPolicy
 from adsync.store import SqlStore, make_owner
 from adsync.sync import PipelineOptions, RunProgress, RunWriter, SyncJob, SyncOutcome
-
-EXIT_OK = 0
-EXIT_FAILURES = 1
-EXIT_CONFIG = 2
-EXIT_AUTH = 3
-EXIT_SIGINT = 130
-EXIT_SIGTERM = 143
 
 
 @functools.cache

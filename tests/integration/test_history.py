@@ -1,7 +1,7 @@
 """``adsync status`` and ``adsync runs show`` against real SQLite and PostgreSQL databases.
 
 The store is filled through its public API, as the pipeline would; the commands run
-through ``CliRunner`` on an app built here from ``adsync.cli_history``, plus one
+through ``CliRunner`` on an app built here from ``adsync.cli.history``, plus one
 subprocess test of the installed ``adsync`` once the commands are registered in it.
 """
 
@@ -23,7 +23,7 @@ from _dbclock import DbClock
 from click.testing import Result
 from typer.testing import CliRunner
 
-from adsync.cli_history import register
+from adsync.cli.history import register
 from adsync.models import (
     Campaign,
     CampaignFailure,

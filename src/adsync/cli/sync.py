@@ -1,74 +1,53 @@
-"""The ``adsync`` command line: wiring, output and exit codes."""
+"""``adsync sync``: one account or many, a progress bar, a summary, an exit code.
+
+Registered on the main app by :func:`register`. The pipeline (httpx, SQLAlchemy,
+Prometheus) is imported when the command runs, not when the app is built.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
-import structlog
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-from rich.table import Table
 
-from adsync.accounts import DEFAULT_ACCOUNTS_FILE, load_accounts, select
-from adsync.cli_common import (
+from adsync.cli.common import (
+    DEFAULT_ACCOUNTS_FILE,
+    AccountsOpt,
+    LogFormatOpt,
+    LogLevelOpt,
     VerboseOpt,
-    database_url,
     err,
     errors,
     open_store,
     print_traceback,
     shown,
 )
-from adsync.cli_history import register as register_history
-from adsync.cli_worker import register as register_worker
-from adsync.config import Settings, load_settings
 from adsync.errors import AdsyncError, ConfigError
-from adsync.metrics import Metrics, MetricsServer
-from adsync.observability import configure_logging
-from adsync.runner import (
-    EXIT_SIGINT,
-    EXIT_SIGTERM,
-    AccountResult,
-    combined_exit_code,
-    exit_code_for_signal,
-    sync_many,
-)
-from adsync.simulator.cli import simulate
-from adsync.store import SqlStore, database_secrets
-from adsync.sync import RunProgress
-from adsync.sync import SyncOutcome
+from adsync.exit_codes import EXIT_SIGINT, EXIT_SIGTERM
 
-app = typer.Typer(
-    name="adsync",
-    help="Keep the agency's database in step with the ad platform.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
-app.add_typer(db_app, name="db")
-accounts_app = typer.Typer(help="The accounts file.", no_args_is_help=True)
-app.add_typer(accounts_app, name="accounts")
+if TYPE_CHECKING:
+    import asyncio
 
-log = structlog.get_logger("adsync.cli")
-out = Console(highlight=False, soft_wrap=True)
+    from rich.console import Console
 
-LogFormat = Literal["auto", "json", "console"]
-LogLevelOpt = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
-LogFormatOpt = Annotated[
-    str, typer.Option("--log-format", help="auto (JSON unless on a terminal), json or console.")
-]
+    from adsync.config import Settings
+    from adsync.metrics import Metrics
+    from adsync.runner import AccountResult
+    from adsync.store import SqlStore
+    from adsync.sync import RunProgress, SyncOutcome
+
+__all__ = ["register", "run_sync", "run_with_signals", "setup_logging", "sync"]
 
 
-def _setup(level: str, fmt: str, *all_settings: Settings) -> None:
+def setup_logging(level: str, fmt: str, *all_settings: Settings) -> None:
+    """Check the logging options and route logs, with every settings' secrets redacted."""
+    from adsync.observability import configure_logging
+    from adsync.store import database_secrets
+
     secrets: list[str] = []
     for settings in all_settings:
         secrets.append(settings.password.get_secret_value())
@@ -84,6 +63,9 @@ class _Bar:
     """A rich progress bar on a terminal; nothing otherwise."""
 
     def __init__(self, console: Console) -> None:
+        # rich's progress machinery (live display, columns) only for a terminal.
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
         self._progress = Progress(
             TextColumn("[bold]{task.fields[client]}"),
             BarColumn(),
@@ -166,6 +148,8 @@ def run_with_signals(
     Returns the coroutine's result and the signal that stopped it, if any;
     ``received`` (when given) collects the signals as they arrive.
     """
+    import asyncio
+
     received = [] if received is None else received
 
     async def main() -> Any:
@@ -203,7 +187,7 @@ def _summary_of(result: AccountResult, *, verbose: bool = False) -> None:
         )
 
 
-def _run_sync(
+def run_sync(
     settings_list: list[Settings],
     store: SqlStore,
     *,
@@ -211,6 +195,14 @@ def _run_sync(
     metrics: Metrics | None = None,
     verbose: bool = False,
 ) -> int:
+    """Sync the accounts side by side under the signal handlers; print each summary.
+
+    Returns the exit code.
+    """
+    import asyncio
+
+    from adsync.runner import combined_exit_code, exit_code_for_signal, sync_many
+
     bar = _Bar(err) if show_progress and err.is_terminal else None
     received: list[int] = []
 
@@ -247,7 +239,6 @@ def _run_sync(
     return code
 
 
-@app.command()
 def sync(
     all_accounts: Annotated[
         bool, typer.Option("--all", help="Sync every enabled account of the accounts file.")
@@ -256,10 +247,7 @@ def sync(
         list[str] | None,
         typer.Option("--client", help="Sync this account of the accounts file (repeatable)."),
     ] = None,
-    accounts_file: Annotated[
-        Path,
-        typer.Option("--accounts", envvar="ADSYNC_ACCOUNTS_FILE", help="The accounts file (TOML)."),
-    ] = Path(DEFAULT_ACCOUNTS_FILE),
+    accounts_file: AccountsOpt = Path(DEFAULT_ACCOUNTS_FILE),
     verbose: VerboseOpt = False,
     log_level: LogLevelOpt = "INFO",
     log_format: LogFormatOpt = "auto",
@@ -278,6 +266,10 @@ def sync(
     a run) failed, 2 bad configuration, 3 credentials refused, 130/143 stopped
     by SIGINT/SIGTERM.
     """
+    from adsync.accounts import load_accounts, select
+    from adsync.config import load_settings
+    from adsync.metrics import Metrics, MetricsServer
+
     with errors(verbose):
         if all_accounts or client:
             accounts = select(load_accounts(accounts_file), list(client or []))
@@ -286,7 +278,7 @@ def sync(
             settings_list = [account.settings() for account in accounts]
         else:
             settings_list = [load_settings()]
-        _setup(log_level, log_format, *settings_list)
+        setup_logging(log_level, log_format, *settings_list)
         first = settings_list[0]
         metrics = Metrics()
         # Before the database: a port held by another run is bad configuration,
@@ -299,7 +291,7 @@ def sync(
                 retry_wait=first.db_retry_wait,
             )
             try:
-                code = _run_sync(
+                code = run_sync(
                     settings_list, store, show_progress=progress, metrics=metrics, verbose=verbose
                 )
             finally:
@@ -310,132 +302,6 @@ def sync(
     raise typer.Exit(code)
 
 
-@accounts_app.command("list")
-def accounts_list(
-    accounts_file: Annotated[
-        Path,
-        typer.Option("--accounts", envvar="ADSYNC_ACCOUNTS_FILE", help="The accounts file (TOML)."),
-    ] = Path(DEFAULT_ACCOUNTS_FILE),
-    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
-    verbose: VerboseOpt = False,
-) -> None:
-    """List the accounts of the accounts file: where each password comes from, never what it is."""
-    with errors(verbose):
-        accounts = load_accounts(accounts_file)
-    rows = [
-        {
-            "client_id": a.client_id,
-            "email": a.email,
-            "password_from": a.password_source,
-            "rate_limit": a.rate_limit,
-            "rate_window": a.rate_window,
-            "api_url": a.api_url,
-            "enabled": a.enabled,
-        }
-        for a in accounts
-    ]
-    if as_json:
-        out.print_json(json.dumps({"accounts": rows}))
-        return
-    table = Table("client id", "email", "password from", "rate limit", "enabled")
-    for row in rows:
-        limit = "default" if row["rate_limit"] is None else f"{row['rate_limit']}"
-        if row["rate_window"] is not None:
-            limit += f" per {row['rate_window']}s"
-        table.add_row(
-            shown(str(row["client_id"])),
-            shown(str(row["email"])),
-            shown(str(row["password_from"])),
-            limit,
-            "yes" if row["enabled"] else "no",
-        )
-    out.print(table)
-
-
-@db_app.command("upgrade")
-def db_upgrade(verbose: VerboseOpt = False) -> None:
-    """Apply the database migrations (also done automatically before a sync)."""
-    with errors(verbose):
-        store = open_store(database_url())
-        store.dispose()
-        err.print("database schema is up to date")
-
-
-@app.command()
-def demo(
-    database: Annotated[Path, typer.Option("--db", help="SQLite file to sync into.")] = Path(
-        "adsync-demo.db"
-    ),
-    campaigns: Annotated[int, typer.Option(help="Campaigns on the simulated platform.")] = 100,
-    seed: Annotated[int, typer.Option(help="Seed of the simulator's faults and data.")] = 7,
-    verbose: VerboseOpt = False,
-    log_level: LogLevelOpt = "WARNING",
-    log_format: LogFormatOpt = "auto",
-) -> None:
-    """Start the simulator on a free loopback port and sync it into SQLite.
-
-    A fast profile: 10 requests per 1 s window and 0.1 s sync calls instead of
-    per 60 s and 2 s, with production fault rates (20% 503s on listing, 10% hangs).
-    """
-    from adsync.simulator.testing import running_simulator
-
-    with (
-        errors(verbose),
-        running_simulator(
-            rate_limit=10, rate_window=1.0, sync_delay=0.1, campaigns=campaigns, seed=seed
-        ) as sim,
-    ):
-        settings = load_settings(
-            AD_PLATFORM_API_URL=sim.url,
-            AD_PLATFORM_EMAIL="admin@mixoads.com",
-            AD_PLATFORM_PASSWORD="SuperSecret123!",
-            AD_PLATFORM_CLIENT_ID="demo",
-            AD_PLATFORM_RATE_LIMIT=10,
-            AD_PLATFORM_RATE_WINDOW=1.0,
-            # The simulator runs in this process and shares its GIL: its arrival
-            # stamps jitter more than a remote platform's would.
-            AD_PLATFORM_RATE_MARGIN=0.03,
-            AD_PLATFORM_REQUEST_TIMEOUT=1.0,
-            AD_PLATFORM_REQUEST_DEADLINE=2.0,
-            AD_PLATFORM_BACKOFF_INITIAL=0.1,
-            AD_PLATFORM_BACKOFF_MAX=1.0,
-            DATABASE_URL=f"sqlite:///{database}",
-        )
-        _setup(log_level, log_format, settings)
-        err.print(f"simulator on {sim.url}: 10 requests per 1 s window, faults on; syncing ...")
-        store = open_store(settings.database_url.get_secret_value())
-        try:
-            code = _run_sync([settings], store, show_progress=True, verbose=verbose)
-            rows = store.count_campaigns("demo")
-        finally:
-            store.dispose()
-        stats = sim.stats()["clients"].get("demo", {})
-    out.print(
-        f"\n{rows} campaigns in {database.resolve()} "
-        f"(simulator: {stats.get('requests', '?')} requests counted, "
-        f"{stats.get('rate_limited', '?')} refused with 429, "
-        f"window maximum {stats.get('max_in_window', '?')} of 10)"
-    )
-    out.print(
-        f'query it:  sqlite3 {database} "SELECT id, name, status, impressions, last_synced_at '
-        f'FROM campaigns ORDER BY id LIMIT 5"'
-    )
-    out.print(f"run history:  DATABASE_URL=sqlite:///{database} adsync status")
-    raise typer.Exit(code)
-
-
-app.command("simulate")(simulate)
-register_history(app)
-register_worker(app)
-
-
-def main() -> None:
-    """Console-script entry point."""
-    try:
-        app()
-    except KeyboardInterrupt:  # pragma: no cover - signals are handled inside commands
-        sys.exit(EXIT_SIGINT)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
+def register(app: typer.Typer) -> None:
+    """Add ``sync`` to the main app."""
+    app.command("sync")(sync)

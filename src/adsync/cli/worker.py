@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from adsync.accounts import DEFAULT_ACCOUNTS_FILE, load_accounts, select
-from adsync.cli_common import VerboseOpt, database_url, err, errors, open_store
+from adsync.cli.common import VerboseOpt, database_url, err, errors, open_store
 from adsync.config import sqlalchemy_url
 from adsync.errors import ConfigError
 from adsync.metrics import Metrics, MetricsServer, WorkerMetrics
@@ -54,7 +54,7 @@ def _logging(level: str, fmt: str, url: str) -> None:
     configure_logging(level, fmt, extra_secrets=[str(password)] if password else [])  # type: ignore[arg-type]
 
 
-def worker(  # noqa: PLR0917 - a typer command takes one parameter per option
+def worker(
     concurrency: Annotated[
         int, typer.Option(min=1, help="Sync jobs (accounts) this worker runs at once.")
     ] = 10,

@@ -1,7 +1,9 @@
-"""What every ``adsync`` command shares: error handling, the store, the database URL.
+"""What every ``adsync`` command shares: options, error handling, the store, the database URL.
 
-Kept apart from ``cli`` so that command modules (``cli_history``) can use it
-without importing the main app that registers them.
+Kept apart from the app (``adsync.cli``) so that the command modules can use it
+without importing the app that registers them. Light on purpose: ``adsync
+--help`` imports it, so what only a command needs (pydantic-settings, the store
+and SQLAlchemy) is imported inside the function that uses it.
 """
 
 from __future__ import annotations
@@ -9,26 +11,36 @@ from __future__ import annotations
 import contextlib
 import traceback
 from collections.abc import Iterator
-from typing import Annotated, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from pydantic import Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from adsync.config import DEFAULT_DATABASE_URL, describe_validation_error
 from adsync.errors import AdsyncError, AuthError, ConfigError, StoreError
-from adsync.observability import REDACTOR
+from adsync.exit_codes import EXIT_AUTH, EXIT_CONFIG, EXIT_FAILURES
 from adsync.printable import visible
-from adsync.runner import EXIT_AUTH, EXIT_CONFIG, EXIT_FAILURES
-from adsync.store import SqlStore
+from adsync.redact import REDACTOR
+
+if TYPE_CHECKING:
+    from adsync.store import SqlStore
 
 # soft_wrap: a summary line stays one line in pipes and log collectors.
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
+DEFAULT_ACCOUNTS_FILE = "accounts.toml"
+
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")]
+LogLevelOpt = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
+LogFormatOpt = Annotated[
+    str, typer.Option("--log-format", help="auto (JSON unless on a terminal), json or console.")
+]
+AccountsOpt = Annotated[
+    Path,
+    typer.Option("--accounts", envvar="ADSYNC_ACCOUNTS_FILE", help="The accounts file (TOML)."),
+]
 
 
 def shown(text: str) -> str:
@@ -76,26 +88,35 @@ def errors(verbose: bool) -> Iterator[None]:
         raise typer.Exit(EXIT_FAILURES) from None
 
 
-class _DatabaseSettings(BaseSettings):
-    """Only DATABASE_URL: database commands must not require the platform credentials."""
-
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
-
-    database_url: SecretStr = Field(
-        default=SecretStr(DEFAULT_DATABASE_URL), validation_alias="DATABASE_URL"
-    )
-
-
 def database_url() -> str:
-    """DATABASE_URL from the environment, else ``.env``, else the SQLite default."""
+    """DATABASE_URL from the environment, else ``.env``, else the SQLite default.
+
+    Only DATABASE_URL: database commands must not require the platform credentials.
+    """
+    from pydantic import Field, SecretStr, ValidationError
+    from pydantic_settings import BaseSettings, SettingsConfigDict
+
+    from adsync.config import DEFAULT_DATABASE_URL, describe_validation_error
+
+    class DatabaseSettings(BaseSettings):
+        model_config = SettingsConfigDict(
+            env_file=".env", env_file_encoding="utf-8", extra="ignore"
+        )
+
+        database_url: SecretStr = Field(
+            default=SecretStr(DEFAULT_DATABASE_URL), validation_alias="DATABASE_URL"
+        )
+
     try:
-        return _DatabaseSettings().database_url.get_secret_value()
+        return DatabaseSettings().database_url.get_secret_value()
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc)) from None
 
 
 def open_store(url: str, **store_options: Any) -> SqlStore:
     """A store on ``url`` with the schema migrated; the caller disposes of it."""
+    from adsync.store import SqlStore
+
     store = SqlStore.from_url(url, **store_options)
     try:
         store.upgrade()
@@ -112,6 +133,8 @@ def open_reader(url: str) -> SqlStore:
     this adsync's is a :class:`ConfigError` saying what to do. One attempt, no
     retries: whoever asked is waiting at a terminal and can ask again.
     """
+    from adsync.store import SqlStore
+
     store = SqlStore.from_url(url, read_only=True, retry_attempts=1)
     try:
         store.require_schema()

@@ -1,9 +1,8 @@
 """``adsync status`` and ``adsync runs show``: read the run history, print it.
 
-Registered on the main app by :func:`register`. This module must not import
-``adsync.cli`` (which imports it), so it carries its own small store opener and
-error handling, matching cli.py's exit codes: 1 for a store error or an unknown or
-ambiguous run id, 2 for bad configuration.
+Registered on the main app by :func:`register`. Exit codes follow the rest of the
+CLI: 1 for a store error or an unknown or ambiguous run id, 2 for bad
+configuration. The store (SQLAlchemy, Alembic) is imported when a command runs.
 """
 
 from __future__ import annotations
@@ -13,16 +12,17 @@ import json
 import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
-from adsync.cli_common import VerboseOpt, database_url, errors, open_reader
+from adsync.cli.common import VerboseOpt, database_url, errors, open_reader
 from adsync.errors import AdsyncError
-from adsync.history import render_run, render_status, run_document, status_document
-from adsync.models import CampaignFailure, RunRecord
-from adsync.store import SqlStore, Store
+
+if TYPE_CHECKING:
+    from adsync.models import CampaignFailure, RunRecord
+    from adsync.store import SqlStore, Store
 
 __all__ = ["register", "runs_app", "runs_show", "status"]
 
@@ -71,6 +71,8 @@ def status(
     (also when there are no runs yet), 1 database error or busy, 2 bad
     configuration, no database, or a schema that needs `adsync db upgrade`.
     """
+    from adsync.history import render_status, status_document
+
     with errors(verbose), _store() as store:
         runs = store.recent_runs(client, limit)
         failures: dict[str, list[CampaignFailure]] = {r.id: store.run_failures(r.id) for r in runs}
@@ -90,6 +92,8 @@ def runs_show(
     Exit codes: 0 shown, 1 no such run, an ambiguous prefix or a database error,
     2 bad configuration, no database, or a schema that needs `adsync db upgrade`.
     """
+    from adsync.history import render_run, run_document
+
     with errors(verbose), _store() as store:
         run = _find(store, run_id)
         failures = store.run_failures(run.id)

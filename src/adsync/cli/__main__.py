@@ -1,0 +1,5 @@
+"""``python -m adsync.cli``: the same as the ``adsync`` command."""
+
+from adsync.cli import main
+
+main()
