@@ -3,16 +3,18 @@
 Pure rendering: run records and their failures in, rich output on the given console
 or JSON-ready dicts out. Reading the store and choosing where to print is the CLI's job.
 
-Error texts and failure reasons are scrubbed on the way out, in text and JSON alike:
-they come from exceptions, and a DSN password or a token must never reach a terminal
-or a monitoring pipeline through them. In text, whatever came from outside (ids,
-reasons, errors) is shown with its control characters escaped: a terminal would
-obey them. JSON keeps it as it came; its encoder escapes what needs it.
+Error texts and failure reasons are scrubbed on the way out, in text and JSON alike,
+by the ``scrub`` function the caller passes (the CLI passes its redactor's): they
+come from exceptions, and a DSN password or a token must never reach a terminal or
+a monitoring pipeline through them. Which secrets there are is the caller's
+knowledge, not this module's. In text, whatever came from outside (ids, reasons,
+errors) is shown with its control characters escaped: a terminal would obey them.
+JSON keeps it as it came; its encoder escapes what needs it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -22,12 +24,12 @@ from rich.table import Table
 from rich.text import Text
 
 from adsync.models import CampaignFailure, RunRecord, RunStatus
-from adsync.observability import REDACTOR
 from adsync.printable import visible
 
 __all__ = [
     "FAILURES_IN_STATUS",
     "SHORT_ID",
+    "Scrub",
     "format_duration",
     "format_time",
     "order_runs",
@@ -78,6 +80,8 @@ _STATUS_STYLE: Final = {
 }
 
 Failures = Mapping[str, Sequence[CampaignFailure]]
+# Takes the secrets out of a stored text (an error, a reason) before it is shown.
+Scrub = Callable[[str], str]
 
 
 # --- small formatters ------------------------------------------------------------------
@@ -124,9 +128,9 @@ def _campaign(failure: CampaignFailure) -> str:
     return visible(failure.campaign_id) if failure.campaign_id else "(no id)"
 
 
-def _said(text: str) -> str:
+def _said(text: str, scrub: Scrub) -> str:
     """A stored text (an error, a reason) as a terminal may show it."""
-    return visible(REDACTOR.scrub(text))
+    return visible(scrub(text))
 
 
 # --- ordering and JSON -------------------------------------------------------------------
@@ -142,7 +146,9 @@ def order_runs(runs: Sequence[RunRecord]) -> list[RunRecord]:
     return sorted(ordered, key=lambda r: rank[r.client_id])
 
 
-def run_to_dict(run: RunRecord, failures: Sequence[CampaignFailure]) -> dict[str, Any]:
+def run_to_dict(
+    run: RunRecord, failures: Sequence[CampaignFailure], *, scrub: Scrub
+) -> dict[str, Any]:
     """One run as JSON-ready data: the record's fields, ``duration_seconds``, ``failures``."""
     doc: dict[str, Any] = {}
     for name in _RECORD_FIELDS:
@@ -153,28 +159,32 @@ def run_to_dict(run: RunRecord, failures: Sequence[CampaignFailure]) -> dict[str
             value = value.value
         doc[name] = value
     if run.error is not None:
-        doc["error"] = REDACTOR.scrub(run.error)
+        doc["error"] = scrub(run.error)
     doc["duration_seconds"] = _seconds(run)
     doc["failures"] = [
         {
             # The store keeps "no usable id" as an empty string; JSON says null.
             "campaign_id": f.campaign_id or None,
             "kind": f.kind,
-            "reason": REDACTOR.scrub(f.reason),
+            "reason": scrub(f.reason),
         }
         for f in failures
     ]
     return doc
 
 
-def status_document(runs: Sequence[RunRecord], failures: Failures) -> dict[str, Any]:
+def status_document(
+    runs: Sequence[RunRecord], failures: Failures, *, scrub: Scrub
+) -> dict[str, Any]:
     """``{"runs": [...]}`` for ``adsync status --json``, in :func:`order_runs` order."""
-    return {"runs": [run_to_dict(r, failures.get(r.id, ())) for r in order_runs(runs)]}
+    return {"runs": [run_to_dict(r, failures.get(r.id, ()), scrub=scrub) for r in order_runs(runs)]}
 
 
-def run_document(run: RunRecord, failures: Sequence[CampaignFailure]) -> dict[str, Any]:
+def run_document(
+    run: RunRecord, failures: Sequence[CampaignFailure], *, scrub: Scrub
+) -> dict[str, Any]:
     """``{"run": {...}}`` for ``adsync runs show --json``."""
-    return {"run": run_to_dict(run, failures)}
+    return {"run": run_to_dict(run, failures, scrub=scrub)}
 
 
 # --- text ----------------------------------------------------------------------------------
@@ -185,6 +195,7 @@ def render_status(
     runs: Sequence[RunRecord],
     failures: Failures,
     *,
+    scrub: Scrub,
     now: datetime | None = None,
     client_id: str | None = None,
     max_failures: int = FAILURES_IN_STATUS,
@@ -247,9 +258,10 @@ def render_status(
         console.print(head)
         # soft_wrap: one line per failure however long, so the output greps well.
         if run.error:
-            console.print(Text(f"  error: {_said(run.error)}"), soft_wrap=True)
+            console.print(Text(f"  error: {_said(run.error, scrub)}"), soft_wrap=True)
         for failure in listed[:max_failures]:
-            line = f"  failed {_campaign(failure)} [{failure.kind}]: {_said(failure.reason)}"
+            reason = _said(failure.reason, scrub)
+            line = f"  failed {_campaign(failure)} [{failure.kind}]: {reason}"
             console.print(Text(line), soft_wrap=True)
         if len(listed) > max_failures:
             console.print(
@@ -263,6 +275,7 @@ def render_run(
     run: RunRecord,
     failures: Sequence[CampaignFailure],
     *,
+    scrub: Scrub,
     now: datetime | None = None,
 ) -> None:
     """Print one run's details and every failed campaign with its reason."""
@@ -289,7 +302,7 @@ def render_run(
         ("resumable", "yes" if run.resumable else "no"),
     ]
     if run.error:
-        rows.append(("error", Text(_said(run.error))))
+        rows.append(("error", Text(_said(run.error, scrub))))
     for key, value in rows:
         details.add_row(key, value)
     console.print(details)
@@ -309,5 +322,7 @@ def render_run(
     table.add_column("kind", no_wrap=True)
     table.add_column("reason", overflow="fold")
     for failure in failures:
-        table.add_row(Text(_campaign(failure)), Text(failure.kind), Text(_said(failure.reason)))
+        table.add_row(
+            Text(_campaign(failure)), Text(failure.kind), Text(_said(failure.reason, scrub))
+        )
     console.print(table)

@@ -32,6 +32,7 @@ from adsync.models import (
     RunStatus,
     SyncedCampaign,
 )
+from adsync.redact import REDACTOR
 from adsync.store import SqlStore
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -278,6 +279,30 @@ def test_runs_show_json_by_full_id_and_prefix(history: History) -> None:
     prefix = invoke(history.url, "runs", "show", f" {history.newer[:10].upper()} ", "--json")
     assert prefix.exit_code == 0, prefix.output
     assert len(json.loads(prefix.stdout)["run"]["failures"]) == 8
+
+
+def test_the_commands_scrub_what_the_process_knows_is_secret(database_url: str) -> None:
+    # Stored before the process learned it was a secret (a token the platform echoed,
+    # known as one later): the commands take it out as they show the run.
+    token = "tok-learned-after-the-write-5e1f"
+    store = open_test_store(database_url)
+    try:
+        run = claim(store, "leaky", T0)
+        store.write_failures(run.id, "leaky", [CampaignFailure("c-1", f"{token} refused", "sync")])
+        finish(store, run.id, T0, RunStatus.FAILED, RunCounters(failed=1), f"lost {token}")
+    finally:
+        store.dispose()
+    REDACTOR.register_recent(token)
+    outputs = [
+        invoke(database_url, "status").stdout,
+        invoke(database_url, "status", "--json").stdout,
+        invoke(database_url, "runs", "show", run.id).stdout,
+        invoke(database_url, "runs", "show", run.id, "--json").stdout,
+    ]
+    for output in outputs:
+        assert token not in output
+        assert "*** refused" in output
+        assert "lost ***" in output
 
 
 def test_runs_show_of_an_unknown_id_is_exit_1(history: History) -> None:

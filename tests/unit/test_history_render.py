@@ -26,8 +26,11 @@ from adsync.history import (
     status_document,
 )
 from adsync.models import CampaignFailure, RunRecord, RunStatus
+from adsync.redact import Redactor
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, 250_000, tzinfo=UTC)
+# A redactor of the test's own: it knows no secret, and scrubs what looks like one.
+SCRUB = Redactor().scrub
 
 EXPECTED_KEYS = [
     "id",
@@ -97,6 +100,7 @@ def fails(n: int, prefix: str = "c") -> list[CampaignFailure]:
 
 def capture(render: Any, *args: Any, **kw: Any) -> str:
     buf = io.StringIO()
+    kw.setdefault("scrub", SCRUB)
     render(Console(file=buf, width=200), *args, **kw)
     return buf.getvalue()
 
@@ -150,7 +154,7 @@ def test_runs_are_grouped_by_client_newest_first() -> None:
     ordered = [r.id for r in order_runs(runs)]
     # globex ran last, so it comes first; inside each client newest first.
     assert ordered == ["g-new", "g-old", "a-new", "a-old", "i-only"]
-    assert [r["id"] for r in status_document(runs, {})["runs"]] == ordered
+    assert [r["id"] for r in status_document(runs, {}, scrub=SCRUB)["runs"]] == ordered
 
 
 def test_table_rows_follow_the_same_order() -> None:
@@ -177,7 +181,7 @@ def test_json_has_every_field_iso_datetimes_duration_and_failures() -> None:
         CampaignFailure("c-1", "platform answered 500", "sync"),
         CampaignFailure("", "id: field required", "payload"),
     ]
-    doc = run_to_dict(record, failures)
+    doc = run_to_dict(record, failures, scrub=SCRUB)
     assert list(doc) == EXPECTED_KEYS
     # Every stored field of RunRecord is there (``resumed`` is per-process, not history).
     stored = {f.name for f in dataclasses.fields(RunRecord)} - {"resumed"}
@@ -201,7 +205,7 @@ def test_json_has_every_field_iso_datetimes_duration_and_failures() -> None:
 
 
 def test_json_of_an_unfinished_run_has_null_finish_and_duration() -> None:
-    doc = run_to_dict(run("r1", seconds=None, status=RunStatus.RUNNING), [])
+    doc = run_to_dict(run("r1", seconds=None, status=RunStatus.RUNNING), [], scrub=SCRUB)
     assert doc["finished_at"] is None
     assert doc["duration_seconds"] is None
     assert doc["status"] == "running"
@@ -210,15 +214,15 @@ def test_json_of_an_unfinished_run_has_null_finish_and_duration() -> None:
 
 def test_status_document_lists_all_failures_of_each_run() -> None:
     runs = [run("r1"), run("r2", start=T0 + timedelta(minutes=1))]
-    doc = status_document(runs, {"r1": fails(9)})
+    doc = status_document(runs, {"r1": fails(9)}, scrub=SCRUB)
     by_id = {r["id"]: r for r in doc["runs"]}
     assert len(by_id["r1"]["failures"]) == 9  # no truncation for machines
     assert by_id["r2"]["failures"] == []
-    assert status_document([], {}) == {"runs": []}
+    assert status_document([], {}, scrub=SCRUB) == {"runs": []}
 
 
 def test_run_document_wraps_one_run() -> None:
-    doc = run_document(run("r1"), fails(2))
+    doc = run_document(run("r1"), fails(2), scrub=SCRUB)
     assert list(doc) == ["run"]
     assert doc["run"]["id"] == "r1"
     assert len(doc["run"]["failures"]) == 2
@@ -231,7 +235,7 @@ def test_secrets_are_scrubbed_from_errors_and_reasons_in_json_and_text() -> None
         error="database unavailable (postgresql://adsync:hunter22pw@db/adsync)",
     )
     failures = [CampaignFailure("c-1", "sent Authorization: Bearer abc.def.ghi123", "sync")]
-    dumped = json.dumps(run_to_dict(record, failures))
+    dumped = json.dumps(run_to_dict(record, failures, scrub=SCRUB))
     text = capture(render_status, [record], {"r1": failures}) + capture(
         render_run, record, failures
     )
@@ -239,6 +243,27 @@ def test_secrets_are_scrubbed_from_errors_and_reasons_in_json_and_text() -> None
         assert "hunter22pw" not in output
         assert "abc.def.ghi123" not in output
         assert "postgresql://adsync:***@db/adsync" in output
+
+
+def test_the_callers_scrub_is_the_only_one_applied_to_errors_and_reasons() -> None:
+    # What is a secret is the caller's knowledge: the rendering applies the function it
+    # is given to every stored text, in text and JSON, and has no redactor of its own.
+    record = run("r1", status=RunStatus.FAILED, error="lost s3cr3t-dsn, Bearer abc.def.ghi123")
+    failures = [CampaignFailure("c-1", "echoed s3cr3t-dsn", "sync")]
+
+    def scrub(text: str) -> str:
+        return text.replace("s3cr3t-dsn", "[gone]")
+
+    doc = run_document(record, failures, scrub=scrub)["run"]
+    text = capture(render_status, [record], {"r1": failures}, scrub=scrub) + capture(
+        render_run, record, failures, scrub=scrub
+    )
+    assert doc["error"] == "lost [gone], Bearer abc.def.ghi123"
+    assert doc["failures"][0]["reason"] == "echoed [gone]"
+    assert status_document([record], {"r1": failures}, scrub=scrub)["runs"][0] == doc
+    assert "s3cr3t-dsn" not in text
+    assert "error: lost [gone], Bearer abc.def.ghi123" in text
+    assert "failed c-1 [sync]: echoed [gone]" in text
 
 
 def test_control_characters_from_outside_are_shown_as_escapes() -> None:
@@ -260,7 +285,7 @@ def test_control_characters_from_outside_are_shown_as_escapes() -> None:
     assert r"reason \x1b]0;pwned\x07\x1b[2J\x1b[32mALL GOOD\x1b[0m\u202e" in text
     assert r"error: HTTP 400: \x1b]0;pwned\x07" in text
     # JSON keeps the text as it came: a machine reads it, not a terminal.
-    assert run_to_dict(record, failures)["failures"][0]["campaign_id"] == f"c{hostile}"
+    assert run_to_dict(record, failures, scrub=SCRUB)["failures"][0]["campaign_id"] == f"c{hostile}"
 
 
 # --- status text -----------------------------------------------------------------------
@@ -379,7 +404,7 @@ def test_any_text_round_trips_through_json_and_renders(
         CampaignFailure(cid, reason, "sync") for cid, reason in zip(ids, reasons, strict=False)
     ]
     record = run("r1", client, status=RunStatus.PARTIAL, error=reasons[0] if reasons else None)
-    doc = json.loads(json.dumps(status_document([record], {"r1": failures})))
+    doc = json.loads(json.dumps(status_document([record], {"r1": failures}, scrub=SCRUB)))
     assert doc["runs"][0]["client_id"] == client
     assert len(doc["runs"][0]["failures"]) == len(failures)
     assert [f["campaign_id"] for f in doc["runs"][0]["failures"]] == [

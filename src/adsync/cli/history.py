@@ -19,6 +19,7 @@ from rich.console import Console
 
 from adsync.cli.common import VerboseOpt, database_url, errors, open_reader
 from adsync.errors import AdsyncError
+from adsync.redact import REDACTOR
 
 if TYPE_CHECKING:
     from adsync.models import CampaignFailure, RunRecord
@@ -77,9 +78,16 @@ def status(
         runs = store.recent_runs(client, limit)
         failures: dict[str, list[CampaignFailure]] = {r.id: store.run_failures(r.id) for r in runs}
     if as_json:
-        _print_json(status_document(runs, failures))
+        _print_json(status_document(runs, failures, scrub=REDACTOR.scrub))
     else:
-        render_status(_stdout(), runs, failures, now=datetime.now(UTC), client_id=client)
+        render_status(
+            _stdout(),
+            runs,
+            failures,
+            scrub=REDACTOR.scrub,
+            now=datetime.now(UTC),
+            client_id=client,
+        )
 
 
 def runs_show(
@@ -98,9 +106,9 @@ def runs_show(
         run = _find(store, run_id)
         failures = store.run_failures(run.id)
     if as_json:
-        _print_json(run_document(run, failures))
+        _print_json(run_document(run, failures, scrub=REDACTOR.scrub))
     else:
-        render_run(_stdout(), run, failures, now=datetime.now(UTC))
+        render_run(_stdout(), run, failures, scrub=REDACTOR.scrub, now=datetime.now(UTC))
 
 
 def _find(store: Store, run_id: str) -> RunRecord:
