@@ -266,12 +266,13 @@ def sync(
     a run) failed, 2 bad configuration, 3 credentials refused, 130/143 stopped
     by SIGINT/SIGTERM.
     """
-    from adsync.accounts import load_accounts, select
     from adsync.config import load_settings
     from adsync.metrics import Metrics, MetricsServer
 
     with errors(verbose):
         if all_accounts or client:
+            from adsync.accounts import load_accounts, select
+
             accounts = select(load_accounts(accounts_file), list(client or []))
             if not accounts:
                 raise ConfigError("no enabled account in the accounts file")

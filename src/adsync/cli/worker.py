@@ -3,51 +3,48 @@
 Registered on the main app by :func:`register`. Like ``cli_history``, this module
 must not import ``adsync.cli`` (which imports it). Exit codes follow the rest of
 the CLI: 1 for a database error, 2 for bad configuration (SQLite included: the job
-queue needs PostgreSQL).
+queue needs PostgreSQL). Procrastinate, SQLAlchemy and the worker are imported
+when a command runs, so that the other commands never load them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import procrastinate
-import sqlalchemy as sa
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from adsync.accounts import DEFAULT_ACCOUNTS_FILE, load_accounts, select
-from adsync.cli.common import VerboseOpt, database_url, err, errors, open_store
-from adsync.config import sqlalchemy_url
+from adsync.cli.common import (
+    DEFAULT_ACCOUNTS_FILE,
+    AccountsOpt,
+    LogFormatOpt,
+    LogLevelOpt,
+    VerboseOpt,
+    database_url,
+    err,
+    errors,
+    open_store,
+)
 from adsync.errors import ConfigError
-from adsync.metrics import Metrics, MetricsServer, WorkerMetrics
-from adsync.observability import configure_logging
-from adsync.worker.health import Health
-from adsync.worker.queue import Enqueued, enqueue_accounts, ensure_queue_schema
-from adsync.worker.runtime import WorkerRuntime
-from adsync.worker.schedule import next_ticks, schedule_cron
-from adsync.worker.serve import serve
-from adsync.worker.settings import WorkerSettings, load_worker_settings, queue_conninfo
-from adsync.worker.tasks import build_app
+
+if TYPE_CHECKING:
+    from adsync.worker.queue import Enqueued
+    from adsync.worker.settings import WorkerSettings
 
 __all__ = ["enqueue", "register", "schedule", "worker"]
 
-AccountsOpt = Annotated[
-    Path,
-    typer.Option("--accounts", envvar="ADSYNC_ACCOUNTS_FILE", help="The accounts file (TOML)."),
-]
-LogLevelOpt = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
-LogFormatOpt = Annotated[
-    str, typer.Option("--log-format", help="auto (JSON unless on a terminal), json or console.")
-]
-
 
 def _logging(level: str, fmt: str, url: str) -> None:
+    import sqlalchemy as sa
+
+    from adsync.config import sqlalchemy_url
+    from adsync.observability import configure_logging
+
     if fmt not in ("auto", "json", "console"):
         raise ConfigError(f"--log-format must be auto, json or console, not {fmt!r}")
     password = sa.make_url(sqlalchemy_url(url)).password
@@ -87,6 +84,17 @@ def worker(
     signal, 1 the database unreachable at start (or a worker fault), 2 bad
     configuration.
     """
+    import asyncio
+
+    from adsync.accounts import load_accounts
+    from adsync.metrics import Metrics, MetricsServer, WorkerMetrics
+    from adsync.worker.health import Health
+    from adsync.worker.queue import ensure_queue_schema
+    from adsync.worker.runtime import WorkerRuntime
+    from adsync.worker.serve import serve
+    from adsync.worker.settings import load_worker_settings, queue_conninfo
+    from adsync.worker.tasks import build_app
+
     with errors(verbose):
         url = database_url()
         conninfo = queue_conninfo(url)
@@ -145,6 +153,11 @@ def worker(
 
 
 async def _enqueue(conninfo: str, settings: WorkerSettings, client_ids: list[str]) -> Enqueued:
+    import procrastinate
+
+    from adsync.worker.queue import enqueue_accounts, ensure_queue_schema
+    from adsync.worker.tasks import build_app
+
     await ensure_queue_schema(conninfo)
     app: procrastinate.App = build_app(conninfo, settings, pool_size=2)
     async with app.open_async():
@@ -152,6 +165,11 @@ async def _enqueue(conninfo: str, settings: WorkerSettings, client_ids: list[str
 
 
 def _queue(accounts_file: Path, client_ids: list[str]) -> Enqueued:
+    import asyncio
+
+    from adsync.accounts import load_accounts, select
+    from adsync.worker.settings import load_worker_settings, queue_conninfo
+
     conninfo = queue_conninfo(database_url())
     settings = load_worker_settings()
     accounts = select(load_accounts(accounts_file), client_ids)
@@ -215,6 +233,10 @@ def schedule(
     ADSYNC_SCHEDULE_MINUTES=0. Exit codes: 0 shown or queued, 1 database
     error, 2 bad configuration.
     """
+    from adsync.accounts import load_accounts, select
+    from adsync.worker.schedule import next_ticks, schedule_cron
+    from adsync.worker.settings import load_worker_settings
+
     with errors(verbose):
         settings = load_worker_settings()
         accounts = select(load_accounts(accounts_file), [])

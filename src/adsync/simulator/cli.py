@@ -1,15 +1,21 @@
-"""The ``adsync simulate`` command: every knob a flag and an ``ADSYNC_SIM_*`` env var."""
+"""The ``adsync simulate`` command: every knob a flag and an ``ADSYNC_SIM_*`` env var.
+
+The server (Starlette, uvicorn) is imported when the command runs: ``adsync``
+registers this command, and its other commands must not load them.
+"""
 
 from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from adsync.simulator.app import build_server
 from adsync.simulator.config import SimulatorConfig, SimulatorConfigError, build_config
+
+if TYPE_CHECKING:
+    from adsync.simulator.app import SimulatorServer
 
 
 class RetryAfterHeaderChoice(StrEnum):
@@ -18,6 +24,13 @@ class RetryAfterHeaderChoice(StrEnum):
     none = "none"
     seconds = "seconds"
     http_date = "http-date"
+
+
+def build_server(config: SimulatorConfig) -> SimulatorServer:
+    """The server for ``config``, its web stack imported now."""
+    from adsync.simulator.app import build_server as build  # noqa: PLC0415 - see the docstring
+
+    return build(config)
 
 
 def _env(name: str) -> str:
