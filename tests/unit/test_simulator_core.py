@@ -28,7 +28,7 @@ from adsync.simulator.faults import (
     FaultKind,
     FaultRates,
     Roll,
-    decide,
+    roll_fault,
 )
 from adsync.simulator.limiter import SlidingWindowLimiter
 
@@ -84,26 +84,28 @@ SURE_ROLL = Roll(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 ALL_RATES = FaultRates(hang=0.2, error=0.2, sync_error=0.2, reset=0.2, bad_json=0.2)
 
 
-def test_decide_follows_the_precedence() -> None:
-    assert decide(CALM_ROLL, ALL_RATES, "list").kind is FaultKind.NONE
-    assert decide(SURE_ROLL, ALL_RATES, "list").kind is FaultKind.HANG
-    assert decide(SURE_ROLL, ALL_RATES, "list", always_503=True).status == 503
-    assert decide(SURE_ROLL, ALL_RATES, "sync", fail_sync=True).status == 500
+def test_roll_fault_follows_the_precedence() -> None:
+    assert roll_fault(CALM_ROLL, ALL_RATES, "list").kind is FaultKind.NONE
+    assert roll_fault(SURE_ROLL, ALL_RATES, "list").kind is FaultKind.HANG
+    assert roll_fault(SURE_ROLL, ALL_RATES, "list", always_503=True).status == 503
+    assert roll_fault(SURE_ROLL, ALL_RATES, "sync", fail_sync=True).status == 500
     no_hang = FaultRates(error=0.5, sync_error=0.5, reset=0.5, bad_json=0.5)
-    assert decide(SURE_ROLL, no_hang, "list").kind is FaultKind.UNAVAILABLE
-    assert decide(SURE_ROLL, no_hang, "sync").kind is FaultKind.SYNC_ERROR
-    assert decide(SURE_ROLL, FaultRates(reset=0.1, bad_json=0.1), "sync").kind is FaultKind.RESET
-    assert decide(SURE_ROLL, FaultRates(bad_json=0.1), "list").kind is FaultKind.BAD_JSON
+    assert roll_fault(SURE_ROLL, no_hang, "list").kind is FaultKind.UNAVAILABLE
+    assert roll_fault(SURE_ROLL, no_hang, "sync").kind is FaultKind.SYNC_ERROR
+    assert (
+        roll_fault(SURE_ROLL, FaultRates(reset=0.1, bad_json=0.1), "sync").kind is FaultKind.RESET
+    )
+    assert roll_fault(SURE_ROLL, FaultRates(bad_json=0.1), "list").kind is FaultKind.BAD_JSON
     # Unknown /api paths only hang: they have no body to spoil.
-    assert decide(SURE_ROLL, no_hang, "other").kind is FaultKind.NONE
+    assert roll_fault(SURE_ROLL, no_hang, "other").kind is FaultKind.NONE
     # fail_sync is about sync calls only.
-    assert decide(CALM_ROLL, FaultRates(), "list", fail_sync=True).kind is FaultKind.NONE
+    assert roll_fault(CALM_ROLL, FaultRates(), "list", fail_sync=True).kind is FaultKind.NONE
 
 
 def test_sync_error_statuses_cover_500_502_503() -> None:
     rates = FaultRates(sync_error=1.0)
     statuses = {
-        decide(Roll(0.9, 0.9, 0.0, pick, 0.9, 0.9), rates, "sync").status
+        roll_fault(Roll(0.9, 0.9, 0.0, pick, 0.9, 0.9), rates, "sync").status
         for pick in (0.0, 0.4, 0.7, 0.999999)
     }
     assert statuses == {500, 502, 503}
@@ -124,7 +126,7 @@ def test_rates_are_shares_of_all_requests(rates: FaultRates, expected: dict[str,
     draws = random.Random(0)
     trials = 100_000
     tally = Counter(
-        decide(Roll(*(draws.random() for _ in range(6))), rates, "list").kind.value
+        roll_fault(Roll(*(draws.random() for _ in range(6))), rates, "list").kind.value
         for _ in range(trials)
     )
     for kind, share in expected.items():

@@ -37,7 +37,7 @@ from uvicorn.config import LOGGING_CONFIG
 
 from adsync.simulator.config import AccountSpec, SimulatorConfig
 from adsync.simulator.data import CampaignBook, malform, malformation_for
-from adsync.simulator.faults import Endpoint, Fault, FaultDice, FaultKind, FaultRates, decide
+from adsync.simulator.faults import Endpoint, Fault, FaultDice, FaultKind, FaultRates, roll_fault
 from adsync.simulator.limiter import Admission, SlidingWindowLimiter, monotonic_ms
 
 # The contract fixes the body's retry_after whatever the real wait is.
@@ -54,7 +54,7 @@ def iso(timestamp: float) -> str:
 
 
 @dataclass(slots=True)
-class ClientStats:
+class SimClientStats:
     """What one client id did, for ``GET /_sim/stats``."""
 
     requests: int = 0
@@ -133,7 +133,7 @@ class _Account:
 class _Admitted:
     client_id: str
     account: _Account
-    stats: ClientStats
+    stats: SimClientStats
     account_stats: AccountStats
     fault: Fault
 
@@ -240,7 +240,7 @@ class Simulator:
             config.rate_limit, max(1, round(config.rate_window * 1000))
         )
         self._dice = FaultDice(self.seed)
-        self._clients: dict[str, ClientStats] = {}
+        self._clients: dict[str, SimClientStats] = {}
         self._account_stats = {email: AccountStats() for email in self._accounts}
 
     def begin_shutdown(self) -> None:
@@ -249,16 +249,16 @@ class Simulator:
 
     # -- bookkeeping -------------------------------------------------------
 
-    def _client(self, request: Request) -> tuple[str, ClientStats]:
+    def _client(self, request: Request) -> tuple[str, SimClientStats]:
         client_id = request.headers.get("x-client-id") or "default"
         stats = self._clients.get(client_id)
         if stats is None:
-            stats = self._clients[client_id] = ClientStats()
+            stats = self._clients[client_id] = SimClientStats()
         return client_id, stats
 
     def _fail(
         self,
-        stats: ClientStats,
+        stats: SimClientStats,
         status: int,
         error: str,
         message: str,
@@ -332,7 +332,7 @@ class Simulator:
         stats.requests += 1
         stats.max_in_window = max(stats.max_in_window, admission.in_window)
         account_stats.requests += 1
-        fault = decide(
+        fault = roll_fault(
             self._dice.roll(client_id, endpoint),
             account.rates,
             endpoint,

@@ -4,7 +4,7 @@ Each counted request draws one :class:`Roll` from a stream of its own
 ``(seed, client id, endpoint)``, always the same number of draws whatever the
 rates are. So a seed replays the same faults for the same requests, and turning
 one fault kind on does not reshuffle when the others happen.
-:func:`decide` turns a roll into a fault and is pure.
+:func:`roll_fault` turns a roll into a fault and is pure.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Roll:
     bad_json: float
 
 
-def decide(
+def roll_fault(
     roll: Roll,
     rates: FaultRates,
     endpoint: Endpoint,
