@@ -30,8 +30,6 @@ from adsync.config import CLIENT_ID_PATTERN, MAX_SECONDS, Settings, load_setting
 from adsync.errors import ConfigError
 from adsync.validation import describe_problems
 
-DEFAULT_ACCOUNTS_FILE = "accounts.toml"
-
 # stdlib logging, not structlog: accounts are read before logging is set up, and
 # stdlib's last-resort handler still prints a warning to stderr then.
 log = logging.getLogger(__name__)
