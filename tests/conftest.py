@@ -11,7 +11,6 @@ see ``pgcluster.py``), never the shared server; they are marked ``slow``.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,10 +20,7 @@ from psycopg import sql
 
 from adsync.store import SqlStore, metadata
 from pgcluster import ClusterUnavailable, PgCluster, throwaway_cluster
-
-ADMIN_URL = os.environ.get(
-    "ADSYNC_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
+from pgdatabase import ADMIN_URL, admin_connection, throwaway_database
 
 # Children before parents, so TRUNCATE order never matters to the foreign keys.
 _TABLES = [t.name for t in reversed(metadata.sorted_tables)]
@@ -34,37 +30,11 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in {"true", "1"}
 
 
-def _admin() -> psycopg.Connection[tuple[object, ...]]:
-    return psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=3)
-
-
-def _url_for(database: str) -> str:
-    base, _, _ = ADMIN_URL.rpartition("/")
-    return f"{base}/{database}"
-
-
-def create_postgres_database() -> str:
-    """Create an empty database ``adsync_test_<hex>``; return its URL."""
-    name = f"adsync_test_{uuid.uuid4().hex[:12]}"
-    with _admin() as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return _url_for(name)
-
-
-def drop_postgres_database(url: str) -> None:
-    """Drop a database made by :func:`create_postgres_database`, even if still in use."""
-    name = url.rpartition("/")[2]
-    with _admin() as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
-
-
 @pytest.fixture(scope="session")
 def postgres_server() -> None:
     """Skip (or, in CI, fail) when PostgreSQL is not reachable."""
     try:
-        with _admin() as conn:
+        with admin_connection() as conn:
             conn.execute("SELECT 1")
     except psycopg.OperationalError as exc:
         reason = f"PostgreSQL is not reachable at {ADMIN_URL} ({type(exc).__name__})"
@@ -76,21 +46,15 @@ def postgres_server() -> None:
 @pytest.fixture(scope="session")
 def postgres_url(postgres_server: None) -> Iterator[str]:
     """A throwaway database for the whole session, dropped at the end."""
-    url = create_postgres_database()
-    try:
+    with throwaway_database() as url:
         yield url
-    finally:
-        drop_postgres_database(url)
 
 
 @pytest.fixture
 def pg_url(postgres_server: None) -> Iterator[str]:
     """A PostgreSQL database of this test's own (Procrastinate's queue starts empty)."""
-    url = create_postgres_database()
-    try:
+    with throwaway_database() as url:
         yield url
-    finally:
-        drop_postgres_database(url)
 
 
 def _truncate(url: str) -> None:
@@ -137,11 +101,8 @@ def fresh_database_url(database_url: str) -> Iterator[str]:
     if database_url.startswith("sqlite"):
         yield database_url
         return
-    url = create_postgres_database()
-    try:
+    with throwaway_database() as url:
         yield url
-    finally:
-        drop_postgres_database(url)
 
 
 @pytest.fixture

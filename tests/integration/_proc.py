@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 
 from adsync.config import sqlalchemy_url
-from adsync.simulator.testing import SimulatorHandle
+from adsync.simulator.testing import SimulatorHandle, running_simulator
 
 EMAIL = "admin@mixoads.com"
 PASSWORD = "SuperSecret123!"
@@ -36,6 +36,11 @@ SIM_FAST: dict[str, Any] = {
     "sync_delay": 0.03,
     "seed": 20240611,
 }
+
+
+def calm_simulator(**knobs: Any) -> AbstractContextManager[SimulatorHandle]:
+    """``running_simulator(**knobs)`` without random 503s or hangs, unless ``knobs`` ask."""
+    return running_simulator(**{"error_rate": 0, "hang_rate": 0, **knobs})
 
 
 def platform_env(sim: SimulatorHandle, database_url: str, **over: str) -> dict[str, str]:
@@ -72,6 +77,49 @@ def adsync_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "adsync.cli", *args]
 
 
+def adsync(
+    *args: str, env: dict[str, str], cwd: Path, timeout: float = 120, python: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``adsync ARGS`` to its end, as a user would: ``env`` over a clean environment.
+
+    With ``python``, that code runs first in the same interpreter (to break something).
+    """
+    argv = adsync_argv(*args)
+    if python is not None:
+        main = "import sys\nfrom adsync.cli import main\nsys.argv[0] = 'adsync'\nmain()"
+        argv = [sys.executable, "-c", f"{python}\n{main}", *args]
+    return subprocess.run(
+        argv,
+        env=child_env(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+# Every background process a test starts, so that the integration conftest can kill
+# whatever a test left running (a failed assertion skips the test's own cleanup).
+_started: list[subprocess.Popen[bytes]] = []
+
+
+def track(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    """Have ``proc`` killed after the test, if the test has not ended it."""
+    _started.append(proc)
+    return proc
+
+
+def reap_all() -> None:
+    """Kill and wait for every process :func:`track` was given."""
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
 @dataclass
 class Sync:
     """A running ``adsync sync`` whose output goes to files (no pipe can fill up)."""
@@ -84,11 +132,6 @@ class Sync:
     @property
     def pid(self) -> int:
         return self.proc.pid
-
-    def reap(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
 
     def signal(self, signum: int) -> float:
         """Send ``signum``; return when (monotonic) it was sent."""
@@ -133,18 +176,7 @@ def start_sync(env: dict[str, str], cwd: Path, *args: str, name: str = "sync") -
             stdout=out,
             stderr=err,
         )
-    sync = Sync(proc, out_path, err_path)
-    _started.append(sync)
-    return sync
-
-
-_started: list[Sync] = []
-
-
-def reap_all() -> None:
-    """Kill whatever a test left running (a failed assertion skips its own cleanup)."""
-    while _started:
-        _started.pop().reap()
+    return Sync(track(proc), out_path, err_path)
 
 
 def flat(text: str) -> str:
@@ -168,16 +200,7 @@ class Finished:
 def run_sync(env: dict[str, str], cwd: Path, *args: str, timeout: float = 60) -> Finished:
     """Run ``adsync sync`` to its end."""
     started = time.monotonic()
-    result = subprocess.run(
-        adsync_argv("sync", *args),
-        env=child_env(env),
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    result = adsync("sync", *args, env=env, cwd=cwd, timeout=timeout)
     return Finished(result.returncode, result.stdout, result.stderr, time.monotonic() - started)
 
 
@@ -291,8 +314,7 @@ def database(database_url: str) -> Iterator[Db]:
 
 def sync_ok(sim: SimulatorHandle, client_id: str = "ops") -> dict[str, int]:
     """Successful sync calls per campaign id, as the platform counted them."""
-    client = sim.stats()["clients"].get(client_id, {})
-    return dict(client.get("sync_ok", {}))
+    return dict(sim.stats()["clients"].get(client_id, {}).get("sync_ok", {}))
 
 
 def settle(sim: SimulatorHandle) -> dict[str, int]:

@@ -11,11 +11,12 @@ import socket
 import subprocess
 import urllib.error
 import urllib.request
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _proc import Db, adsync_argv, child_env
+from _proc import Db, adsync, adsync_argv, calm_simulator, child_env, track
 
 from adsync.simulator.testing import SimulatorHandle
 
@@ -51,18 +52,6 @@ class Proc:
             ) from None
 
 
-started: list[Proc] = []
-
-
-def reap() -> None:
-    """Kill whatever worker a test left running (a failed assertion skips its cleanup)."""
-    while started:
-        proc = started.pop().proc
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-
-
 def client_id(i: int) -> str:
     return f"client-{i:02d}"
 
@@ -72,6 +61,25 @@ def sim_accounts(campaigns: int, count: int) -> list[dict[str, Any]]:
         {"email": f"ads{i}@client{i}.example", "password": f"pw-{i}-s3cret", "campaigns": campaigns}
         for i in range(count)
     ]
+
+
+def accounts_simulator(
+    seed: int,
+    accounts: list[dict[str, Any]],
+    *,
+    process: bool = False,
+    rate_limit: int = LIMIT,
+    sync_delay: float = 0.02,
+) -> AbstractContextManager[SimulatorHandle]:
+    """A simulator without random faults serving ``accounts``, on the workers' window."""
+    return calm_simulator(
+        process=process,
+        rate_limit=rate_limit,
+        rate_window=WINDOW,
+        sync_delay=sync_delay,
+        seed=seed,
+        accounts=accounts,
+    )
 
 
 def setup(
@@ -124,16 +132,7 @@ def setup(
 
 def run(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Run an ``adsync`` command to its end."""
-    return subprocess.run(
-        adsync_argv(*args),
-        env=child_env(env),
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    return adsync(*args, env=env, cwd=cwd, timeout=60)
 
 
 def start_worker(env: dict[str, str], cwd: Path, name: str, *args: str) -> Proc:
@@ -148,9 +147,7 @@ def start_worker(env: dict[str, str], cwd: Path, name: str, *args: str) -> Proc:
             stdout=out,
             stderr=err,
         )
-    worker = Proc(proc, err_path)
-    started.append(worker)
-    return worker
+    return Proc(track(proc), err_path)
 
 
 def free_port() -> int:
@@ -167,11 +164,6 @@ def get(url: str, timeout: float = 5) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
-
-
-def sync_ok(sim: SimulatorHandle, client: str) -> dict[str, int]:
-    """Successful sync calls per campaign id, as the platform counted them."""
-    return dict(sim.stats()["clients"].get(client, {}).get("sync_ok", {}))
 
 
 def sync_jobs(db: Db, status: str) -> list[Any]:

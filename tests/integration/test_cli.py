@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import typer.main
+from _proc import adsync
 
 from adsync.cli import app
 from adsync.simulator.testing import running_simulator
@@ -19,25 +17,6 @@ from adsync.simulator.testing import running_simulator
 EMAIL = "admin@mixoads.com"
 PASSWORD = "SuperSecret123!"
 BASIC = base64.b64encode(f"{EMAIL}:{PASSWORD}".encode()).decode()
-
-
-def adsync(
-    *args: str, env: dict[str, str], cwd: Path, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    clean = {
-        k: v for k, v in os.environ.items() if not k.startswith(("AD_PLATFORM_", "DATABASE_URL"))
-    }
-    clean.update(env)
-    return subprocess.run(
-        [sys.executable, "-m", "adsync.cli", *args],
-        env=clean,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
 
 
 def platform_env(url: str, tmp_path: Path, **over: str) -> dict[str, str]:

@@ -8,9 +8,6 @@ subprocess test of the installed ``adsync`` once the commands are registered in 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +17,7 @@ import pytest
 import typer
 import typer.main
 from _dbclock import DbClock
+from _proc import adsync
 from click.testing import Result
 from typer.testing import CliRunner
 
@@ -386,35 +384,22 @@ def _registered() -> bool:
     return "status" in typer.main.get_group(app).commands
 
 
-def adsync(*args: str, url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env: dict[str, Any] = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    env["DATABASE_URL"] = url
-    return subprocess.run(
-        [sys.executable, "-m", "adsync.cli", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-
-
 @pytest.mark.skipif(not _registered(), reason="adsync.cli does not register status/runs yet")
 def test_adsync_status_and_runs_show_as_a_subprocess(history: History, tmp_path: Path) -> None:
-    status = adsync("status", "--json", url=history.url, cwd=tmp_path)
+    status = adsync("status", "--json", env={"DATABASE_URL": history.url}, cwd=tmp_path)
     assert status.returncode == 0, status.stderr
     assert [r["id"] for r in json.loads(status.stdout)["runs"]][:2] == [
         history.running,
         history.newer,
     ]
-    text = adsync("status", url=history.url, cwd=tmp_path)
+    text = adsync("status", env={"DATABASE_URL": history.url}, cwd=tmp_path)
     assert text.returncode == 0, text.stderr
     assert f"failed c-0 [sync]: {reason(0)}" in text.stdout
-    show = adsync("runs", "show", history.newer[:8], url=history.url, cwd=tmp_path)
+    show = adsync(
+        "runs", "show", history.newer[:8], env={"DATABASE_URL": history.url}, cwd=tmp_path
+    )
     assert show.returncode == 0, show.stderr
     assert reason(6) in show.stdout
-    unknown = adsync("runs", "show", "zzzz", url=history.url, cwd=tmp_path)
+    unknown = adsync("runs", "show", "zzzz", env={"DATABASE_URL": history.url}, cwd=tmp_path)
     assert unknown.returncode == 1
     assert "no run with id" in unknown.stderr

@@ -22,7 +22,6 @@ from _proc import (
     database,
     flat,
     platform_env,
-    reap_all,
     run_sync,
     settle,
     start_sync,
@@ -32,15 +31,14 @@ from _proc import (
 from psycopg import sql
 
 from adsync.simulator.testing import running_simulator
-from conftest import ADMIN_URL, create_postgres_database, drop_postgres_database
+from pgdatabase import (
+    ADMIN_URL,
+    admin_connection,
+    create_postgres_database,
+    drop_postgres_database,
+)
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(180)]
-
-
-@pytest.fixture(autouse=True)
-def _reap() -> Iterator[None]:
-    yield
-    reap_all()
 
 
 CLIENT = "ops"
@@ -55,10 +53,6 @@ class PgDatabase:
     role: str
 
 
-def _admin() -> psycopg.Connection[tuple[object, ...]]:
-    return psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=3)
-
-
 @pytest.fixture
 def pg(postgres_server: None) -> Iterator[PgDatabase]:
     """A new database owned by a new non-superuser role; both dropped afterwards."""
@@ -66,7 +60,7 @@ def pg(postgres_server: None) -> Iterator[PgDatabase]:
     name = admin_url.rpartition("/")[2]
     role = f"adsync_role_{uuid.uuid4().hex[:12]}"
     try:
-        with _admin() as conn:
+        with admin_connection() as conn:
             conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
             conn.execute(
                 sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
@@ -79,7 +73,7 @@ def pg(postgres_server: None) -> Iterator[PgDatabase]:
         yield PgDatabase(name, admin_url, f"{scheme}://{role}@{host}/{name}", role)
     finally:
         drop_postgres_database(admin_url)
-        with _admin() as conn:
+        with admin_connection() as conn:
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
@@ -94,7 +88,7 @@ class Storm:
         self._thread = threading.Thread(target=self._run, name="pg-storm", daemon=True)
 
     def _run(self) -> None:
-        with _admin() as conn:
+        with admin_connection() as conn:
             while not self._done.is_set():
                 rows = conn.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -155,7 +149,7 @@ def test_a_database_that_stays_down_fails_the_run_cleanly_and_a_rerun_finishes(
         env.update(ADSYNC_DB_RETRY_ATTEMPTS="3", ADSYNC_DB_RETRY_WAIT="0.2")
         sync = start_sync(env, tmp_path)
         wait_for(lambda: db.synced_count() >= 20, what="20 campaigns stored", alive=sync)
-        with _admin() as conn:
+        with admin_connection() as conn:
             conn.execute(
                 sql.SQL("ALTER DATABASE {} CONNECTION LIMIT 0").format(sql.Identifier(pg.name))
             )
@@ -172,7 +166,7 @@ def test_a_database_that_stays_down_fails_the_run_cleanly_and_a_rerun_finishes(
         stored = db.scalar("SELECT count(*) FROM campaigns")
         at_fail = settle(sim)
 
-        with _admin() as conn:
+        with admin_connection() as conn:
             conn.execute(
                 sql.SQL("ALTER DATABASE {} CONNECTION LIMIT -1").format(sql.Identifier(pg.name))
             )
@@ -208,7 +202,7 @@ def test_the_outage_shuts_out_the_run_role_but_not_the_test(pg: PgDatabase) -> N
     """The premise of the test above: CONNECTION LIMIT 0 binds the run's role only."""
     with psycopg.connect(pg.run_url, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (x int)")
-    with _admin() as conn:
+    with admin_connection() as conn:
         conn.execute(
             sql.SQL("ALTER DATABASE {} CONNECTION LIMIT 0").format(sql.Identifier(pg.name))
         )

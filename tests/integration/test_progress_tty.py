@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
 import pytest
-from _proc import SIM_FAST, child_env, platform_env, reap_all, run_sync
+from _proc import SIM_FAST, child_env, platform_env, run_sync
 
 from adsync.simulator.testing import running_simulator
 
@@ -22,12 +21,6 @@ FRAME = re.compile(
     r"^ops\s.*?(?P<done>\d+)/(?P<total>\d+)\s+(?P<pct>\d+)%\s+failed (?P<failed>\d+)"
     r"\s+requests (?P<requests>\d+)\s+429s (?P<rl>\d+)\s+ETA (?P<eta>\S+)"
 )
-
-
-@pytest.fixture(autouse=True)
-def _reap() -> Iterator[None]:
-    yield
-    reap_all()
 
 
 def _on_a_terminal(env: dict[str, str], cwd: Path, *args: str) -> tuple[int, str]:

@@ -13,13 +13,13 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from _proc import adsync
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -36,24 +36,6 @@ OWNER = "host-a:100:aaaa"
 
 def invoke(url: str, *args: str) -> Result:
     return CliRunner().invoke(app, list(args), env={"DATABASE_URL": url})
-
-
-def adsync(
-    *args: str, url: str | None, cwd: Path, timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    if url is not None:
-        env["DATABASE_URL"] = url
-    return subprocess.run(
-        [sys.executable, "-m", "adsync.cli", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
 
 
 def with_one_run(url: str) -> str:
@@ -113,7 +95,7 @@ def test_no_sqlite_file_is_exit_2_naming_database_url_and_creates_nothing(
 
 
 def test_the_default_database_is_not_created_in_the_working_directory(tmp_path: Path) -> None:
-    result = adsync("status", url=None, cwd=tmp_path)
+    result = adsync("status", env={}, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert "DATABASE_URL" in result.stderr
     assert list(tmp_path.iterdir()) == []
@@ -191,7 +173,7 @@ def test_status_answers_at_once_while_another_process_holds_the_write_lock(
         writer.execute("BEGIN IMMEDIATE")
         writer.execute("DELETE FROM rate_sends")
         started = time.monotonic()
-        result = adsync("status", "--json", url=url, cwd=tmp_path, timeout=20)
+        result = adsync("status", "--json", env={"DATABASE_URL": url}, cwd=tmp_path, timeout=20)
         elapsed = time.monotonic() - started
     finally:
         writer.execute("ROLLBACK")
@@ -211,7 +193,7 @@ def test_a_database_locked_for_reading_is_a_clear_message_after_a_short_wait(
     try:
         plain.execute("BEGIN EXCLUSIVE")
         started = time.monotonic()
-        result = adsync("status", url=url, cwd=tmp_path, timeout=20)
+        result = adsync("status", env={"DATABASE_URL": url}, cwd=tmp_path, timeout=20)
         elapsed = time.monotonic() - started
     finally:
         plain.execute("ROLLBACK")

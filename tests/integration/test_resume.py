@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from _proc import (
     Sync,
     database,
     platform_env,
-    reap_all,
     run_sync,
     settle,
     start_sync,
@@ -37,12 +35,6 @@ pytestmark = pytest.mark.timeout(120)
 CLIENT = "ops"
 TOTAL = 100
 BATCH = PipelineOptions().batch_size
-
-
-@pytest.fixture(autouse=True)
-def _reap() -> Iterator[None]:
-    yield
-    reap_all()
 
 
 def _listing_under_way(db: Db) -> bool:

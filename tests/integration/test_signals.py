@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ from _proc import (
     database,
     flat,
     platform_env,
-    reap_all,
     run_sync,
     settle,
     start_sync,
@@ -31,12 +29,6 @@ from _proc import (
 from adsync.simulator.testing import running_simulator
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(autouse=True)
-def _reap() -> Iterator[None]:
-    yield
-    reap_all()
 
 
 CLIENT = "ops"

@@ -13,7 +13,7 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,22 +24,22 @@ from _proc import (
     EMAIL,
     PASSWORD,
     Db,
-    adsync_argv,
-    child_env,
+    Sync,
+    adsync,
+    calm_simulator,
     database,
     platform_env,
-    reap_all,
     run_sync,
     start_sync,
     sync_ok,
     wait_for,
 )
+from _workers import start_worker
 
 from adsync.config import sqlalchemy_url
 from adsync.errors import RunLocked
 from adsync.simulator.testing import SimulatorHandle, running_simulator
 from adsync.store import SqlStore, host_identity
-from conftest import create_postgres_database, drop_postgres_database
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -50,12 +50,6 @@ ON_THE_WIRE = 0.3
 # From the end of a run to the end of the process: closing the HTTP client and
 # the engine, interpreter shutdown.
 SHUTDOWN = 2.0
-
-
-@pytest.fixture(autouse=True)
-def _reap() -> Iterator[None]:
-    yield
-    reap_all()
 
 
 def arrivals(sim: SimulatorHandle, client_id: str = CLIENT) -> list[tuple[float, str]]:
@@ -77,6 +71,29 @@ def requests_counted(sim: SimulatorHandle, client_id: str = CLIENT) -> int:
     return int(sim.stats()["clients"].get(client_id, {}).get("requests", 0))
 
 
+@dataclass(frozen=True)
+class Stopped:
+    """How a run stopped by SIGTERM ended, as the process, the platform and the database saw it."""
+
+    code: int
+    seconds: float  # from the signal to the process's exit
+    sent_late: list[tuple[float, str]]
+    run: Any
+    stored: set[str]
+    at_stop: dict[str, int]
+
+
+def sigterm(sync: Sync, sim: SimulatorHandle, db: Db) -> Stopped:
+    """SIGTERM ``sync``, wait for it to exit, and read what the others saw."""
+    signalled = time.time()
+    sync.signal(signal.SIGTERM)
+    code = sync.wait(30)
+    seconds = time.time() - signalled
+    sent_late = late(sim, signalled)
+    run = db.only_run()
+    return Stopped(code, seconds, sent_late, run, db.synced_items(run.id), sync_ok(sim))
+
+
 def test_a_busy_run_sends_nothing_after_sigterm_and_the_resumed_run_nothing_twice(
     tmp_path: Path, database_url: str
 ) -> None:
@@ -84,7 +101,7 @@ def test_a_busy_run_sends_nothing_after_sigterm_and_the_resumed_run_nothing_twic
     # signal finds calls in flight and more waiting for their slot.
     knobs = {"rate_limit": 10, "rate_window": 2.0, "sync_delay": 0.3, "campaigns": 40}
     with (
-        running_simulator(process=True, error_rate=0, hang_rate=0, seed=3, **knobs) as sim,
+        calm_simulator(process=True, seed=3, **knobs) as sim,
         database(database_url) as db,
     ):
         env = platform_env(
@@ -95,25 +112,18 @@ def test_a_busy_run_sends_nothing_after_sigterm_and_the_resumed_run_nothing_twic
         )
         sync = start_sync(env, tmp_path)
         wait_for(lambda: db.synced_count() >= 12, what="12 campaigns stored", alive=sync)
-        signalled = time.time()
-        sync.signal(signal.SIGTERM)
-        code = sync.wait(30)
-        stopped_in = time.time() - signalled
-        sent_late = late(sim, signalled)
-        run = db.only_run()
-        stored = db.synced_items(run.id)
-        at_stop = sync_ok(sim)
+        stop = sigterm(sync, sim, db)
 
         rerun = run_sync(env, tmp_path)
         final = sync_ok(sim)
         db.assert_every_campaign_once(CLIENT, 40)
 
-    assert sent_late == [], sync.stderr[-3000:]
-    assert code == 143, sync.stderr[-3000:]
+    assert stop.sent_late == [], sync.stderr[-3000:]
+    assert stop.code == 143, sync.stderr[-3000:]
     # The calls in flight took at most 0.3 s; nothing waited for the window.
-    assert stopped_in < 0.3 + SHUTDOWN
-    assert (run.status, bool(run.resumable)) == ("interrupted", True)
-    assert set(at_stop) == stored
+    assert stop.seconds < 0.3 + SHUTDOWN
+    assert (stop.run.status, bool(stop.run.resumable)) == ("interrupted", True)
+    assert set(stop.at_stop) == stop.stored
     assert rerun.code == 0, rerun.stderr[-3000:]
     assert "(resumed)" in rerun.said
     assert final == {f"campaign_{i}": 1 for i in range(1, 41)}
@@ -122,7 +132,7 @@ def test_a_busy_run_sends_nothing_after_sigterm_and_the_resumed_run_nothing_twic
 def test_a_run_waiting_on_a_60s_window_exits_143_at_once(tmp_path: Path, database_url: str) -> None:
     knobs = {"rate_limit": 10, "rate_window": 60.0, "sync_delay": 0.05, "campaigns": 30}
     with (
-        running_simulator(process=True, error_rate=0, hang_rate=0, seed=4, **knobs) as sim,
+        calm_simulator(process=True, seed=4, **knobs) as sim,
         database(database_url) as db,
     ):
         env = platform_env(
@@ -136,26 +146,19 @@ def test_a_run_waiting_on_a_60s_window_exits_143_at_once(tmp_path: Path, databas
         )
         sync = start_sync(env, tmp_path)
         wait_for(lambda: db.synced_count() >= 9, what="the first window's calls", alive=sync)
-        signalled = time.time()
-        sync.signal(signal.SIGTERM)
-        code = sync.wait(30)
-        stopped_in = time.time() - signalled
-        sent_late = late(sim, signalled)
-        run = db.only_run()
-        stored = db.synced_items(run.id)
-        at_stop = sync_ok(sim)
+        stop = sigterm(sync, sim, db)
 
-    assert code == 143, sync.stderr[-3000:]
-    assert stopped_in < 3.0, sync.stderr[-3000:]
-    assert sent_late == []
-    assert (run.status, bool(run.resumable), run.error) == (
+    assert stop.code == 143, sync.stderr[-3000:]
+    assert stop.seconds < 3.0, sync.stderr[-3000:]
+    assert stop.sent_late == []
+    assert (stop.run.status, bool(stop.run.resumable), stop.run.error) == (
         "interrupted",
         True,
         "stopped by a signal; resumable",
     )
-    assert len(stored) == 9
-    assert set(at_stop) == stored
-    assert run.requests == 10
+    assert len(stop.stored) == 9
+    assert set(stop.at_stop) == stop.stored
+    assert stop.run.requests == 10
 
 
 def test_a_run_waiting_on_a_retry_backoff_exits_143_at_once(
@@ -176,17 +179,13 @@ def test_a_run_waiting_on_a_retry_backoff_exits_143_at_once(
         sync = start_sync(env, tmp_path)
         wait_for(lambda: requests_counted(sim) >= 1, what="a 503 to back off from", alive=sync)
         before = requests_counted(sim)
-        signalled = time.time()
-        sync.signal(signal.SIGTERM)
-        code = sync.wait(30)
-        stopped_in = time.time() - signalled
+        stop = sigterm(sync, sim, db)
         after = requests_counted(sim)
-        run = db.only_run()
 
-    assert code == 143, sync.stderr[-3000:]
-    assert stopped_in < 3.0, sync.stderr[-3000:]
+    assert stop.code == 143, sync.stderr[-3000:]
+    assert stop.seconds < 3.0, sync.stderr[-3000:]
     assert after == before
-    assert (run.status, bool(run.resumable)) == ("interrupted", True)
+    assert (stop.run.status, bool(stop.run.resumable)) == ("interrupted", True)
 
 
 def test_a_run_its_last_calls_complete_after_the_signal_is_interrupted_and_exits_143(
@@ -194,7 +193,7 @@ def test_a_run_its_last_calls_complete_after_the_signal_is_interrupted_and_exits
 ) -> None:
     knobs = {"rate_limit": 30, "rate_window": 0.5, "sync_delay": 1.0, "campaigns": 10}
     with (
-        running_simulator(process=True, error_rate=0, hang_rate=0, seed=6, **knobs) as sim,
+        calm_simulator(process=True, seed=6, **knobs) as sim,
         database(database_url) as db,
     ):
         env = platform_env(
@@ -206,13 +205,14 @@ def test_a_run_its_last_calls_complete_after_the_signal_is_interrupted_and_exits
         )
         sync = start_sync(env, tmp_path)
         wait_for(lambda: len(arrivals(sim)) == 10, what="every sync call sent", alive=sync)
-        sync.signal(signal.SIGTERM)
-        code = sync.wait(30)
-        run = db.only_run()
-        at_stop = sync_ok(sim)
-        assert code == 143, sync.stderr[-3000:]
-        assert (run.status, bool(run.resumable), run.synced) == ("interrupted", True, 10)
-        assert len(at_stop) == 10
+        stop = sigterm(sync, sim, db)
+        assert stop.code == 143, sync.stderr[-3000:]
+        assert (stop.run.status, bool(stop.run.resumable), stop.run.synced) == (
+            "interrupted",
+            True,
+            10,
+        )
+        assert len(stop.at_stop) == 10
 
         rerun = run_sync(env, tmp_path)
         final = sync_ok(sim)
@@ -221,7 +221,7 @@ def test_a_run_its_last_calls_complete_after_the_signal_is_interrupted_and_exits
     assert rerun.code == 0, rerun.stderr[-3000:]
     assert (after.status, after.resumes) == ("succeeded", 1)
     # The resumed run had nothing left to send.
-    assert final == at_stop
+    assert final == stop.at_stop
 
 
 def _lost_lease_at(stderr: str) -> float:
@@ -271,7 +271,7 @@ def test_a_run_whose_lease_is_taken_over_sends_nothing_more_and_exits_1(
     # the run waits for its third, and learns on the way that the run is no longer its.
     knobs = {"rate_limit": 10, "rate_window": 6.0, "sync_delay": 0.1, "campaigns": 25}
     with (
-        running_simulator(process=True, error_rate=0, hang_rate=0, seed=8, **knobs) as sim,
+        calm_simulator(process=True, seed=8, **knobs) as sim,
         database(database_url) as db,
     ):
         env = platform_env(
@@ -312,43 +312,26 @@ def test_a_run_whose_lease_is_taken_over_sends_nothing_more_and_exits_1(
 
 @pytest.mark.postgres
 def test_a_worker_job_waiting_on_its_window_stops_at_once_and_is_queued_again(
-    tmp_path: Path, postgres_server: None
+    tmp_path: Path, pg_url: str
 ) -> None:
-    url = create_postgres_database()
     knobs = {"rate_limit": 10, "rate_window": 60.0, "sync_delay": 0.05, "campaigns": 30}
-    try:
-        with (
-            running_simulator(process=True, error_rate=0, hang_rate=0, seed=9, **knobs) as sim,
-            database(url) as db,
-        ):
-            env = _worker_env(tmp_path, sim, url)
-            enqueue = subprocess.run(
-                adsync_argv("enqueue", "--all"),
-                env=child_env(env),
-                cwd=tmp_path,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
-            assert enqueue.returncode == 0, enqueue.stderr
-            worker, err_path = _start_worker(env, tmp_path)
-            try:
-                wait_for(lambda: db.synced_count() >= 9, what="the first window's calls")
-                signalled = time.time()
-                worker.send_signal(signal.SIGTERM)
-                code = worker.wait(30)
-                stopped_in = time.time() - signalled
-            finally:
-                if worker.poll() is None:
-                    worker.kill()
-                    worker.wait(10)
-            stderr = err_path.read_text(errors="replace")
-            sent_late = late(sim, signalled)
-            run = db.only_run()
-            jobs = _sync_jobs(db)
-    finally:
-        drop_postgres_database(url)
+    with (
+        calm_simulator(process=True, seed=9, **knobs) as sim,
+        database(pg_url) as db,
+    ):
+        env = _worker_env(tmp_path, sim, pg_url)
+        enqueue = adsync("enqueue", "--all", env=env, cwd=tmp_path, timeout=60)
+        assert enqueue.returncode == 0, enqueue.stderr
+        worker = start_worker(env, tmp_path, "worker")
+        wait_for(lambda: db.synced_count() >= 9, what="the first window's calls")
+        signalled = time.time()
+        worker.proc.send_signal(signal.SIGTERM)
+        code = worker.wait(30)
+        stopped_in = time.time() - signalled
+        stderr = worker.stderr
+        sent_late = late(sim, signalled)
+        run = db.only_run()
+        jobs = _sync_jobs(db)
 
     assert code == 0, stderr[-3000:]
     # Not the grace period (10 s): nothing was in flight, and the wait ended at once.
@@ -377,20 +360,6 @@ def _worker_env(tmp_path: Path, sim: SimulatorHandle, url: str) -> dict[str, str
         ADSYNC_WORKER_POLL_SECONDS="0.2",
         ADSYNC_WORKER_GRACE_SECONDS="10",
     )
-
-
-def _start_worker(env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    err_path = cwd / "worker.err"
-    with (cwd / "worker.out").open("wb") as out, err_path.open("wb") as err:
-        proc = subprocess.Popen(
-            adsync_argv("worker", "--log-format", "json"),
-            env=child_env(env),
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-        )
-    return proc, err_path
 
 
 def _sync_jobs(db: Db) -> list[Any]:

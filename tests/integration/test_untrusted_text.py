@@ -8,14 +8,12 @@ messages, hands out tokens that cannot go into a header, or echoes the token bac
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from _proc import child_env
+from _proc import adsync
 from _standin import Script, StandIn, campaign, standin_platform
 from typer.testing import CliRunner
 
@@ -51,30 +49,6 @@ def sync_env(standin: StandIn, database_url: str, **over: str) -> dict[str, str]
     }
     env.update(over)
     return env
-
-
-def adsync(
-    *args: str, env: dict[str, str], cwd: Path, python: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    """``adsync ARGS``; with ``python``, that code runs first in the same interpreter."""
-    argv = [sys.executable, "-m", "adsync.cli", *args]
-    if python is not None:
-        argv = [
-            sys.executable,
-            "-c",
-            f"{python}\nimport sys\nfrom adsync.cli import main\nsys.argv[0] = 'adsync'\nmain()",
-            *args,
-        ]
-    return subprocess.run(
-        argv,
-        env=child_env(env),
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
 
 
 def assert_no_raw_controls(text: str) -> None:

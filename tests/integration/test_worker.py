@@ -13,24 +13,30 @@ import itertools
 import json
 import os
 import signal
-import socket
-import subprocess
 import time
-import urllib.request
 from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from _proc import Db, adsync_argv, child_env, database, wait_for
+from _proc import Db, adsync, database, sync_ok, wait_for
+from _workers import (
+    LIMIT,
+    SYNC_TASK,
+    accounts_simulator,
+    client_id,
+    free_port,
+    get,
+    setup,
+    sim_accounts,
+    start_worker,
+    sync_jobs,
+)
 from procrastinate import exceptions as pexc
 from procrastinate.jobs import Status
 
-from adsync.simulator.testing import SimulatorHandle, running_simulator
 from adsync.worker.queue import QUEUE_SYNC, defer_sync, ensure_queue_schema, recover_stalled
 from adsync.worker.settings import WorkerSettings, queue_conninfo
 from adsync.worker.tasks import build_app
@@ -39,155 +45,11 @@ pytestmark = pytest.mark.timeout(120)
 
 ACCOUNTS = 20
 CAMPAIGNS = 40
-LIMIT = 20
-WINDOW = 0.5
-SYNC_TASK = "adsync.sync_account"
-
-
-@dataclass
-class Proc:
-    """A background ``adsync`` process whose output goes to files."""
-
-    proc: subprocess.Popen[bytes]
-    err_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def stderr(self) -> str:
-        return self.err_path.read_text(errors="replace")
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"still running after {timeout}s:\n{self.stderr[-3000:]}"
-            ) from None
-
-
-_started: list[Proc] = []
-
-
-@pytest.fixture(autouse=True)
-def _reap() -> Iterator[None]:
-    yield
-    while _started:
-        proc = _started.pop().proc
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-
-
-def _client(i: int) -> str:
-    return f"client-{i:02d}"
-
-
-def _sim_accounts(campaigns: int, count: int = ACCOUNTS) -> list[dict[str, Any]]:
-    return [
-        {"email": f"ads{i}@client{i}.example", "password": f"pw-{i}-s3cret", "campaigns": campaigns}
-        for i in range(count)
-    ]
-
-
-def _setup(tmp_path: Path, sim: SimulatorHandle, url: str, count: int = ACCOUNTS) -> dict[str, str]:
-    """The accounts file (passwords by env var) and the environment of every adsync process."""
-    lines = []
-    env = {
-        "DATABASE_URL": url,
-        "ADSYNC_ACCOUNTS_FILE": str(tmp_path / "accounts.toml"),
-        "AD_PLATFORM_API_URL": sim.url,
-        "AD_PLATFORM_RATE_LIMIT": str(LIMIT),
-        "AD_PLATFORM_RATE_WINDOW": str(WINDOW),
-        # The simulator shares this process's GIL with the pollers: allow for jitter.
-        "AD_PLATFORM_RATE_MARGIN": "0.04",
-        "AD_PLATFORM_REQUEST_TIMEOUT": "0.5",
-        "AD_PLATFORM_REQUEST_DEADLINE": "2",
-        "AD_PLATFORM_BACKOFF_INITIAL": "0.01",
-        "AD_PLATFORM_BACKOFF_MAX": "0.1",
-        # Off: a tick of the hourly schedule up to 10 minutes old would queue every
-        # account a second time.
-        "ADSYNC_SCHEDULE_MINUTES": "0",
-        "ADSYNC_WORKER_HEARTBEAT_SECONDS": "0.2",
-        "ADSYNC_STALLED_AFTER_SECONDS": "1",
-        "ADSYNC_RECOVERY_EVERY_SECONDS": "1",
-        "ADSYNC_WORKER_POLL_SECONDS": "0.2",
-        "ADSYNC_WORKER_GRACE_SECONDS": "10",
-        "ADSYNC_RETRY_INITIAL_SECONDS": "0.2",
-        "ADSYNC_RETRY_MAX_SECONDS": "1",
-    }
-    for i, account in enumerate(sim.config.effective_accounts[:count]):
-        var = f"ADSYNC_TEST_PASSWORD_{i}"
-        env[var] = account.password
-        lines += [
-            "[[accounts]]",
-            f'client_id = "{_client(i)}"',
-            f'email = "{account.email}"',
-            f'password_env = "{var}"',
-            "",
-        ]
-    (tmp_path / "accounts.toml").write_text("\n".join(lines), encoding="utf-8")
-    return env
-
-
-def _run(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        adsync_argv(*args),
-        env=child_env(env),
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-
-
-def _start_worker(env: dict[str, str], cwd: Path, name: str, *args: str) -> Proc:
-    err_path = cwd / f"{name}.err"
-    with (cwd / f"{name}.out").open("wb") as out, err_path.open("wb") as err:
-        proc = subprocess.Popen(
-            adsync_argv("worker", "--log-format", "json", *args),
-            env=child_env(env),
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-        )
-    started = Proc(proc, err_path)
-    _started.append(started)
-    return started
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback URL
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def _succeeded_clients(db: Db) -> int:
     return int(
         db.scalar("SELECT count(DISTINCT client_id) FROM sync_runs WHERE status = 'succeeded'") or 0
-    )
-
-
-def _sync_jobs(db: Db, status: str) -> list[Any]:
-    return db.rows(
-        "SELECT id, lock, queueing_lock, args FROM procrastinate_jobs "
-        "WHERE task_name = :t AND status = CAST(:s AS procrastinate_job_status)",
-        t=SYNC_TASK,
-        s=status,
     )
 
 
@@ -213,44 +75,31 @@ def _attempt_intervals(db: Db) -> dict[str, list[tuple[datetime, datetime | None
     return spans
 
 
-def _sync_ok(sim: SimulatorHandle, client_id: str) -> dict[str, int]:
-    return dict(sim.stats()["clients"].get(client_id, {}).get("sync_ok", {}))
-
-
 @pytest.mark.postgres
 def test_two_workers_sync_each_account_once_and_recover_a_killed_workers_job(
     tmp_path: Path, pg_url: str
 ) -> None:
     with (
-        running_simulator(
-            process=True,
-            rate_limit=LIMIT,
-            rate_window=WINDOW,
-            sync_delay=0.02,
-            error_rate=0,
-            hang_rate=0,
-            seed=11,
-            accounts=_sim_accounts(CAMPAIGNS),
-        ) as sim,
+        accounts_simulator(11, sim_accounts(CAMPAIGNS, ACCOUNTS), process=True) as sim,
         database(pg_url) as db,
     ):
-        env = _setup(tmp_path, sim, pg_url)
+        env = setup(tmp_path, sim, pg_url, ACCOUNTS)
 
         # Enqueueing twice never makes a second waiting job for an account.
-        first = _run(env, tmp_path, "enqueue", "--all")
-        second = _run(env, tmp_path, "enqueue", "--all")
+        first = adsync("enqueue", "--all", env=env, cwd=tmp_path)
+        second = adsync("enqueue", "--all", env=env, cwd=tmp_path)
         assert first.returncode == 0, first.stderr
         assert second.returncode == 0, second.stderr
         assert first.stdout.count("queued ") == ACCOUNTS
         assert second.stdout.count("already waiting") == ACCOUNTS
-        waiting = _sync_jobs(db, "todo")
+        waiting = sync_jobs(db, "todo")
         assert len(waiting) == ACCOUNTS
         assert len({j.queueing_lock for j in waiting}) == ACCOUNTS
         assert all(j.lock == j.queueing_lock for j in waiting)
 
-        port = _free_port()
-        a = _start_worker(env, tmp_path, "worker-a", "--concurrency", "3")
-        b = _start_worker(
+        port = free_port()
+        a = start_worker(env, tmp_path, "worker-a", "--concurrency", "3")
+        b = start_worker(
             env, tmp_path, "worker-b", "--concurrency", "3", "--health-port", str(port)
         )
 
@@ -276,7 +125,7 @@ def test_two_workers_sync_each_account_once_and_recover_a_killed_workers_job(
         assert killed
         stored_at_kill = {run.client_id: db.synced_items(run.id) for run in killed}
 
-        status, body = _get(f"http://127.0.0.1:{port}/healthz")
+        status, body = get(f"http://127.0.0.1:{port}/healthz")
         assert status == 200, body
         assert json.loads(body)["status"] == "ok"
 
@@ -286,7 +135,7 @@ def test_two_workers_sync_each_account_once_and_recover_a_killed_workers_job(
             interval=0.1,
             what="every account synced",
         )
-        status, metrics = _get(f"http://127.0.0.1:{port}/metrics")
+        status, metrics = get(f"http://127.0.0.1:{port}/metrics")
         assert status == 200
         assert "adsync_campaigns_synced_total" in metrics
         assert 'adsync_worker_sync_jobs_total{decision="done"}' in metrics
@@ -298,26 +147,26 @@ def test_two_workers_sync_each_account_once_and_recover_a_killed_workers_job(
         stats = sim.stats()["clients"]
         runs = db.runs()
         spans = _attempt_intervals(db)
-        jobs_done = _sync_jobs(db, "succeeded")
-        left = _sync_jobs(db, "todo") + _sync_jobs(db, "doing")
+        jobs_done = sync_jobs(db, "succeeded")
+        left = sync_jobs(db, "todo") + sync_jobs(db, "doing")
         for i in range(ACCOUNTS):
-            client_id = _client(i)
-            db.assert_every_campaign_once(client_id, CAMPAIGNS)
-            mine = [r for r in runs if r.client_id == client_id]
+            client = client_id(i)
+            db.assert_every_campaign_once(client, CAMPAIGNS)
+            mine = [r for r in runs if r.client_id == client]
             assert [r.status for r in mine] == ["succeeded"], mine
-            assert stats[client_id]["rate_limited"] == 0
-            assert stats[client_id]["max_in_window"] <= LIMIT
-            ok = _sync_ok(sim, client_id)
+            assert stats[client]["rate_limited"] == 0
+            assert stats[client]["max_in_window"] <= LIMIT
+            ok = sync_ok(sim, client)
             assert set(ok) == {f"campaign_{n}" for n in range(1, CAMPAIGNS + 1)}
-            if client_id in stored_at_kill:
+            if client in stored_at_kill:
                 # The run resumed from its checkpoint: nothing stored before the kill
                 # was sent to the sync endpoint again.
                 assert mine[0].resumes >= 1
-                assert all(ok[c] == 1 for c in stored_at_kill[client_id])
+                assert all(ok[c] == 1 for c in stored_at_kill[client])
             else:
                 assert set(ok.values()) == {1}, ok
             # One attempt at a time per account, per Procrastinate's own records.
-            attempts = sorted(spans[f"adsync:account:{client_id}"], key=lambda s: s[0])
+            attempts = sorted(spans[f"adsync:account:{client}"], key=lambda s: s[0])
             for (_, end), (start, _) in itertools.pairwise(attempts):
                 assert end is not None
                 assert end <= start
@@ -334,20 +183,12 @@ def test_sigterm_stops_gracefully_and_another_worker_resumes_the_runs(
 ) -> None:
     campaigns, count = 200, 2
     with (
-        running_simulator(
-            rate_limit=LIMIT,
-            rate_window=WINDOW,
-            sync_delay=0.02,
-            error_rate=0,
-            hang_rate=0,
-            seed=12,
-            accounts=_sim_accounts(campaigns, count),
-        ) as sim,
+        accounts_simulator(12, sim_accounts(campaigns, count)) as sim,
         database(pg_url) as db,
     ):
-        env = _setup(tmp_path, sim, pg_url, count)
-        assert _run(env, tmp_path, "enqueue", "--all").returncode == 0
-        first = _start_worker(env, tmp_path, "first", "--concurrency", "2")
+        env = setup(tmp_path, sim, pg_url, count)
+        assert adsync("enqueue", "--all", env=env, cwd=tmp_path).returncode == 0
+        first = start_worker(env, tmp_path, "first", "--concurrency", "2")
         wait_for(
             lambda: (
                 db.scalar(
@@ -368,22 +209,22 @@ def test_sigterm_stops_gracefully_and_another_worker_resumes_the_runs(
         assert [(r.status, r.resumable) for r in runs] == [("interrupted", True)] * count
         stored = {r.client_id: db.synced_items(r.id) for r in runs}
         assert all(0 < len(s) < campaigns for s in stored.values())
-        assert len(_sync_jobs(db, "aborted")) == count
-        assert len(_sync_jobs(db, "todo")) == count  # queued again for another worker
+        assert len(sync_jobs(db, "aborted")) == count
+        assert len(sync_jobs(db, "todo")) == count  # queued again for another worker
 
-        second = _start_worker(env, tmp_path, "second", "--concurrency", "2")
+        second = start_worker(env, tmp_path, "second", "--concurrency", "2")
         wait_for(lambda: _succeeded_clients(db) == count, timeout=45, interval=0.1, what="resumed")
         second.proc.send_signal(signal.SIGTERM)
         assert second.wait(15) == 0
 
         for i in range(count):
-            client_id = _client(i)
-            db.assert_every_campaign_once(client_id, campaigns)
-            (run,) = [r for r in db.runs() if r.client_id == client_id]
+            client = client_id(i)
+            db.assert_every_campaign_once(client, campaigns)
+            (run,) = [r for r in db.runs() if r.client_id == client]
             assert (run.status, run.resumes) == ("succeeded", 1)
             # A graceful stop lets in-flight calls finish and stores them: not one
             # campaign went to the sync endpoint twice.
-            assert set(_sync_ok(sim, client_id).values()) == {1}
+            assert set(sync_ok(sim, client).values()) == {1}
     # In-flight calls take ~20 ms here; the rest is the process winding down.
     assert stopped_in < 5, first.stderr[-3000:]
 
@@ -394,22 +235,18 @@ def test_a_second_sigterm_aborts_running_syncs_at_once_and_queues_them_again(
 ) -> None:
     count = 2
     with (
-        running_simulator(
-            rate_limit=LIMIT,
-            rate_window=WINDOW,
+        accounts_simulator(
+            14,
+            sim_accounts(200, count),
             # Slow sync calls: a graceful stop would wait a second for them.
             sync_delay=1.0,
-            error_rate=0,
-            hang_rate=0,
-            seed=14,
-            accounts=_sim_accounts(200, count),
         ) as sim,
         database(pg_url) as db,
     ):
-        env = _setup(tmp_path, sim, pg_url, count)
+        env = setup(tmp_path, sim, pg_url, count)
         env |= {"AD_PLATFORM_REQUEST_TIMEOUT": "3", "AD_PLATFORM_REQUEST_DEADLINE": "5"}
-        assert _run(env, tmp_path, "enqueue", "--all").returncode == 0
-        worker = _start_worker(env, tmp_path, "worker", "--concurrency", "2")
+        assert adsync("enqueue", "--all", env=env, cwd=tmp_path).returncode == 0
+        worker = start_worker(env, tmp_path, "worker", "--concurrency", "2")
         wait_for(
             lambda: (
                 db.scalar(
@@ -431,16 +268,16 @@ def test_a_second_sigterm_aborts_running_syncs_at_once_and_queues_them_again(
         assert [(r.status, r.resumable, r.error) for r in runs] == [
             ("interrupted", True, "stopped before finishing")
         ] * count
-        assert len(_sync_jobs(db, "aborted")) == count
-        waiting = _sync_jobs(db, "todo")
-        assert sorted(j.args["client_id"] for j in waiting) == [_client(i) for i in range(count)]
+        assert len(sync_jobs(db, "aborted")) == count
+        waiting = sync_jobs(db, "todo")
+        assert sorted(j.args["client_id"] for j in waiting) == [client_id(i) for i in range(count)]
     assert "second signal" in worker.stderr
 
 
 @pytest.mark.parametrize("command", [["worker"], ["enqueue", "--all"]])
 def test_sqlite_is_refused_with_one_line_and_exit_2(tmp_path: Path, command: list[str]) -> None:
     env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'adsync.db'}"}
-    result = _run(env, tmp_path, *command)
+    result = adsync(*command, env=env, cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -497,39 +334,31 @@ async def test_recovery_frees_an_account_whose_stalled_job_cannot_go_back_to_the
 def test_a_platform_down_is_retried_with_backoff_and_refused_credentials_are_not(
     tmp_path: Path, pg_url: str
 ) -> None:
-    accounts = _sim_accounts(10, 3)
+    accounts = sim_accounts(10, 3)
     accounts[2]["always_503"] = True
     with (
-        running_simulator(
-            rate_limit=LIMIT,
-            rate_window=WINDOW,
-            sync_delay=0.01,
-            error_rate=0,
-            hang_rate=0,
-            seed=13,
-            accounts=accounts,
-        ) as sim,
+        accounts_simulator(13, accounts, sync_delay=0.01) as sim,
         database(pg_url) as db,
     ):
-        env = _setup(tmp_path, sim, pg_url, 3)
+        env = setup(tmp_path, sim, pg_url, 3)
         env["ADSYNC_TEST_PASSWORD_1"] = "not-the-password"
         env |= {
             "ADSYNC_RETRY_ATTEMPTS": "3",
             "ADSYNC_RETRY_INITIAL_SECONDS": "0.4",
             "AD_PLATFORM_MAX_ATTEMPTS": "2",
         }
-        assert _run(env, tmp_path, "enqueue", "--all").returncode == 0
-        worker = _start_worker(env, tmp_path, "worker", "--concurrency", "3")
+        assert adsync("enqueue", "--all", env=env, cwd=tmp_path).returncode == 0
+        worker = start_worker(env, tmp_path, "worker", "--concurrency", "3")
 
-        def jobs_of(client_id: str) -> list[Any]:
+        def jobs_of(client: str) -> list[Any]:
             return db.rows(
                 "SELECT id, status::text AS status, (args->>'attempt')::int AS attempt "
                 "FROM procrastinate_jobs WHERE lock = :l ORDER BY id",
-                l=f"adsync:account:{client_id}",
+                l=f"adsync:account:{client}",
             )
 
         wait_for(
-            lambda: [j.status for j in jobs_of(_client(2))] == ["failed"] * 3,
+            lambda: [j.status for j in jobs_of(client_id(2))] == ["failed"] * 3,
             timeout=30,
             interval=0.1,
             what="three failed attempts of the account whose platform is down",
@@ -538,7 +367,7 @@ def test_a_platform_down_is_retried_with_backoff_and_refused_credentials_are_not
         worker.proc.send_signal(signal.SIGTERM)
         assert worker.wait(15) == 0
 
-        down = jobs_of(_client(2))
+        down = jobs_of(client_id(2))
         assert [(j.status, j.attempt) for j in down] == [("failed", n) for n in (1, 2, 3)]
         scheduled = db.rows(
             "SELECT e.job_id, e.at FROM procrastinate_events e WHERE e.type = 'scheduled'"
@@ -552,12 +381,12 @@ def test_a_platform_down_is_retried_with_backoff_and_refused_credentials_are_not
             # Backoff: half to all of 0.4 s, doubling.
             gap = (when[retry.id] - failed_at[previous.id]).total_seconds()
             assert gap >= 0.4 * 2 ** (previous.attempt - 1) / 2 - 0.05
-        (run,) = [r for r in db.runs() if r.client_id == _client(2)]
+        (run,) = [r for r in db.runs() if r.client_id == client_id(2)]
         # Every attempt resumed the same run: no attempt started over.
         assert (run.status, run.resumable, run.resumes) == ("failed", True, 2)
 
-        assert [(j.status, j.attempt) for j in jobs_of(_client(1))] == [("failed", 1)]
-        assert [j.status for j in jobs_of(_client(0))] == ["succeeded"]
-        db.assert_every_campaign_once(_client(0), 10)
+        assert [(j.status, j.attempt) for j in jobs_of(client_id(1))] == [("failed", 1)]
+        assert [j.status for j in jobs_of(client_id(0))] == ["succeeded"]
+        db.assert_every_campaign_once(client_id(0), 10)
     assert "not retried (AuthError" in worker.stderr
     assert "not-the-password" not in worker.stderr

@@ -11,32 +11,26 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from _proc import Db, database, start_sync, wait_for
-from _proc import reap_all as reap_syncs
+from _proc import Db, database, start_sync, sync_ok, wait_for
 from _workers import (
-    LIMIT,
     SYNC_TASK,
-    WINDOW,
+    accounts_simulator,
     client_id,
     free_port,
     get,
-    reap,
     run,
     setup,
     sim_accounts,
     start_worker,
-    sync_ok,
 )
 from procrastinate.job_context import JobContext
 from procrastinate.jobs import Job, Status
 
-from adsync.simulator.testing import running_simulator
 from adsync.worker.queue import (
     PRUNE_TASK,
     QUEUE_MAINTENANCE,
@@ -49,13 +43,6 @@ from adsync.worker.supervisor import tolerate_outages
 from adsync.worker.tasks import build_app
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
-
-
-@pytest.fixture(autouse=True)
-def _reap() -> Iterator[None]:
-    yield
-    reap()
-    reap_syncs()
 
 
 def _jobs(db: Db, client: str) -> list[Any]:
@@ -105,16 +92,7 @@ def test_a_worker_paused_past_the_stalled_threshold_keeps_its_job_and_syncs_once
 ) -> None:
     campaigns = 300
     with (
-        running_simulator(
-            process=True,
-            rate_limit=LIMIT,
-            rate_window=WINDOW,
-            sync_delay=0.02,
-            error_rate=0,
-            hang_rate=0,
-            seed=41,
-            accounts=sim_accounts(campaigns, 1),
-        ) as sim,
+        accounts_simulator(41, sim_accounts(campaigns, 1), process=True) as sim,
         database(pg_url) as db,
     ):
         env = setup(tmp_path, sim, pg_url, 1)
@@ -155,16 +133,7 @@ def test_a_job_whose_run_another_process_holds_waits_for_it_and_ends_done(
 ) -> None:
     campaigns = 200
     with (
-        running_simulator(
-            process=True,
-            rate_limit=10,
-            rate_window=WINDOW,
-            sync_delay=0.02,
-            error_rate=0,
-            hang_rate=0,
-            seed=42,
-            accounts=sim_accounts(campaigns, 1),
-        ) as sim,
+        accounts_simulator(42, sim_accounts(campaigns, 1), process=True, rate_limit=10) as sim,
         database(pg_url) as db,
     ):
         env = setup(tmp_path, sim, pg_url, 1, limit=10)
@@ -204,15 +173,8 @@ def test_a_worker_without_an_accounts_secret_leaves_its_jobs_to_other_workers(
 ) -> None:
     count, campaigns = 3, 20
     with (
-        running_simulator(
-            process=True,
-            rate_limit=LIMIT,
-            rate_window=WINDOW,
-            sync_delay=0.01,
-            error_rate=0,
-            hang_rate=0,
-            seed=43,
-            accounts=sim_accounts(campaigns, count),
+        accounts_simulator(
+            43, sim_accounts(campaigns, count), process=True, sync_delay=0.01
         ) as sim,
         database(pg_url) as db,
     ):
@@ -277,15 +239,8 @@ def test_a_worker_without_an_accounts_secret_leaves_its_jobs_to_other_workers(
 def test_an_account_disabled_while_its_job_waits_is_not_synced(tmp_path: Path, pg_url: str) -> None:
     count, campaigns = 3, 60
     with (
-        running_simulator(
-            process=True,
-            rate_limit=10,
-            rate_window=WINDOW,
-            sync_delay=0.01,
-            error_rate=0,
-            hang_rate=0,
-            seed=44,
-            accounts=sim_accounts(campaigns, count),
+        accounts_simulator(
+            44, sim_accounts(campaigns, count), process=True, rate_limit=10, sync_delay=0.01
         ) as sim,
         database(pg_url) as db,
     ):

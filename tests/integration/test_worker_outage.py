@@ -10,38 +10,27 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _proc import Db, database, wait_for
+from _proc import Db, database, sync_ok, wait_for
 from _workers import (
-    LIMIT,
-    WINDOW,
+    accounts_simulator,
     client_id,
     free_port,
     get,
-    reap,
     run,
     setup,
     sim_accounts,
     start_worker,
     succeeded_runs,
     sync_jobs,
-    sync_ok,
 )
 
-from adsync.simulator.testing import running_simulator
 from pgcluster import PgCluster
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-@pytest.fixture(autouse=True)
-def _reap() -> Iterator[None]:
-    yield
-    reap()
 
 
 ACCOUNTS = 3
@@ -69,15 +58,8 @@ def test_a_worker_rides_out_a_database_restart_and_a_ten_second_outage(
 ) -> None:
     url = pg_cluster.create_database("adsync")
     with (
-        running_simulator(
-            process=True,
-            rate_limit=LIMIT,
-            rate_window=WINDOW,
-            sync_delay=0.05,
-            error_rate=0,
-            hang_rate=0,
-            seed=31,
-            accounts=sim_accounts(CAMPAIGNS, ACCOUNTS),
+        accounts_simulator(
+            31, sim_accounts(CAMPAIGNS, ACCOUNTS), process=True, sync_delay=0.05
         ) as sim,
         database(url) as db,
     ):
