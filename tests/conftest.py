@@ -11,6 +11,7 @@ see ``pgcluster.py``), never the shared server; they are marked ``slow``.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,3 +130,34 @@ def pg_cluster() -> Iterator[PgCluster]:
         if _in_ci():
             pytest.fail(f"{exc}; CI must run the PostgreSQL restart tests")
         pytest.skip(str(exc))
+
+
+# --- tiers ------------------------------------------------------------------------------
+# `pytest -m "not slow"` is the fast inner loop, so a test that starts a process (an
+# `adsync` subprocess, a pty, a simulator of its own, a PostgreSQL cluster to stop) must
+# be marked slow. Audit events see every start, whichever library makes it.
+
+_SPAWNS = frozenset(
+    {"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.exec", "os.system"}
+)
+_spawned: list[str] = []
+
+
+def _audit(event: str, _args: tuple[object, ...]) -> None:
+    if event in _SPAWNS:
+        _spawned.append(event)
+
+
+sys.addaudithook(_audit)
+
+
+@pytest.fixture(autouse=True)
+def _slow_if_it_starts_a_process(request: pytest.FixtureRequest) -> Iterator[None]:
+    _spawned.clear()
+    yield
+    if _spawned and request.node.get_closest_marker("slow") is None:
+        pytest.fail(
+            f"this test starts a process ({_spawned[0]}): mark it slow, or -m 'not slow' "
+            "stops being the fast tier",
+            pytrace=False,
+        )

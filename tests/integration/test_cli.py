@@ -37,6 +37,7 @@ def platform_env(url: str, tmp_path: Path, **over: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_missing_setting_is_one_clear_line_and_exit_2(tmp_path: Path) -> None:
     result = adsync("sync", env={"AD_PLATFORM_EMAIL": "x@y.z"}, cwd=tmp_path)
     assert result.returncode == 2
@@ -45,6 +46,7 @@ def test_missing_setting_is_one_clear_line_and_exit_2(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_invalid_setting_names_the_variable_not_its_value(tmp_path: Path) -> None:
     env = {
         "AD_PLATFORM_EMAIL": "x@y.z",
@@ -57,6 +59,7 @@ def test_invalid_setting_names_the_variable_not_its_value(tmp_path: Path) -> Non
     assert "hunter22" not in result.stderr + result.stdout
 
 
+@pytest.mark.slow
 def test_settings_come_from_a_dotenv_file(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("AD_PLATFORM_EMAIL=x@y.z\nAD_PLATFORM_RATE_WINDOW=-1\n")
     result = adsync("sync", env={"AD_PLATFORM_PASSWORD": "pw-from-env"}, cwd=tmp_path)
@@ -64,6 +67,7 @@ def test_settings_come_from_a_dotenv_file(tmp_path: Path) -> None:
     assert "AD_PLATFORM_RATE_WINDOW" in result.stderr
 
 
+@pytest.mark.slow
 def test_wrong_password_is_exit_3_quickly_without_a_retry_storm(tmp_path: Path) -> None:
     with running_simulator(rate_limit=40, rate_window=0.5, sync_delay=0.01, seed=3) as sim:
         started = time.monotonic()
@@ -81,6 +85,7 @@ def test_wrong_password_is_exit_3_quickly_without_a_retry_storm(tmp_path: Path) 
     assert sum(c["requests"] for c in stats["clients"].values()) == 0
 
 
+@pytest.mark.slow
 def test_some_campaigns_failing_is_exit_1_with_a_summary(tmp_path: Path) -> None:
     with running_simulator(
         rate_limit=40,
@@ -99,6 +104,7 @@ def test_some_campaigns_failing_is_exit_1_with_a_summary(tmp_path: Path) -> None
     assert "failed campaign_2 [sync]" in result.stderr
 
 
+@pytest.mark.slow
 def test_debug_logs_carry_no_secret(tmp_path: Path) -> None:
     with running_simulator(
         rate_limit=40,
@@ -130,6 +136,7 @@ def test_debug_logs_carry_no_secret(tmp_path: Path) -> None:
     assert not re.search(r"[A-Za-z0-9_-]{43}", output)
 
 
+@pytest.mark.slow
 def test_db_upgrade_is_idempotent(tmp_path: Path) -> None:
     env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
     for _ in range(2):
@@ -153,6 +160,7 @@ def test_every_command_has_help_text() -> None:
     assert missing == []
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_demo_syncs_everything_into_sqlite(tmp_path: Path) -> None:
     result = adsync("demo", "--campaigns", "30", env={}, cwd=tmp_path)

@@ -384,6 +384,7 @@ def _registered() -> bool:
     return "status" in typer.main.get_group(app).commands
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _registered(), reason="adsync.cli does not register status/runs yet")
 def test_adsync_status_and_runs_show_as_a_subprocess(history: History, tmp_path: Path) -> None:
     status = adsync("status", "--json", env={"DATABASE_URL": history.url}, cwd=tmp_path)

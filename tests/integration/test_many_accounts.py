@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from adsync.simulator.testing import running_simulator
 from adsync.store import SqlStore
+
+pytestmark = pytest.mark.slow
 
 ACCOUNTS = 20
 LIMIT = 20

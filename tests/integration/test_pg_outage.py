@@ -38,7 +38,7 @@ from pgdatabase import (
     drop_postgres_database,
 )
 
-pytestmark = [pytest.mark.postgres, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(180)]
 
 
 CLIENT = "ops"

@@ -12,7 +12,7 @@ from _proc import SIM_FAST, child_env, platform_env, run_sync
 
 from adsync.simulator.testing import running_simulator
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 TOTAL = 100
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

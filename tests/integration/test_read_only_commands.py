@@ -94,6 +94,7 @@ def test_no_sqlite_file_is_exit_2_naming_database_url_and_creates_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_the_default_database_is_not_created_in_the_working_directory(tmp_path: Path) -> None:
     result = adsync("status", env={}, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
@@ -164,6 +165,7 @@ def sqlite_with_a_run(tmp_path: Path) -> tuple[str, Path, str]:
     return url, path, with_one_run(url)
 
 
+@pytest.mark.slow
 def test_status_answers_at_once_while_another_process_holds_the_write_lock(
     sqlite_with_a_run: tuple[str, Path, str], tmp_path: Path
 ) -> None:
@@ -183,6 +185,7 @@ def test_status_answers_at_once_while_another_process_holds_the_write_lock(
     assert elapsed < 8  # the interpreter's start-up; the read itself does not wait
 
 
+@pytest.mark.slow
 def test_a_database_locked_for_reading_is_a_clear_message_after_a_short_wait(
     sqlite_with_a_run: tuple[str, Path, str], tmp_path: Path
 ) -> None:
@@ -225,6 +228,7 @@ def read_only_file(sqlite_with_a_run: tuple[str, Path, str]) -> Iterator[tuple[s
         path.chmod(0o644)
 
 
+@pytest.mark.slow
 def test_a_read_only_database_file_is_shown_and_left_unchanged(
     read_only_file: tuple[str, Path, str],
 ) -> None:

@@ -30,7 +30,7 @@ from _proc import (
 from adsync.simulator.testing import SimulatorHandle, running_simulator
 from adsync.sync import PipelineOptions
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 CLIENT = "ops"
 TOTAL = 100

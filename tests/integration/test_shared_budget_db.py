@@ -239,6 +239,7 @@ def two_processes_at_once(
     return stats, results
 
 
+@pytest.mark.slow
 def test_two_processes_syncing_one_client_id_stay_within_the_window_together(
     simulator: SimulatorHandle, store: SqlStore, database_url: str, tmp_path: Path
 ) -> None:
@@ -256,6 +257,7 @@ def test_two_processes_syncing_one_client_id_stay_within_the_window_together(
     assert min(r["requests"] for r in results) >= stats["requests"] * 0.25
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("skew", [120.0, -30.0])
 def test_a_process_with_a_skewed_clock_neither_stalls_the_other_nor_causes_a_429(
     simulator: SimulatorHandle, store: SqlStore, database_url: str, tmp_path: Path, skew: float
@@ -272,6 +274,7 @@ def test_a_process_with_a_skewed_clock_neither_stalls_the_other_nor_causes_a_429
     assert min(r["requests"] for r in results) >= stats["requests"] * 0.25, results
 
 
+@pytest.mark.slow
 def test_without_the_shared_budget_the_same_two_processes_are_refused(
     simulator: SimulatorHandle, sqlite_url: str, tmp_path: Path
 ) -> None:

@@ -28,7 +28,7 @@ from _proc import (
 
 from adsync.simulator.testing import running_simulator
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 CLIENT = "ops"

@@ -520,6 +520,7 @@ async def test_error_rate_spares_sync_calls_but_hangs_do_not() -> None:
     assert lists["503"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
 async def test_hangs_block_nothing_else_and_do_not_hold_shutdown(process: bool) -> None:
     async with httpx.AsyncClient(trust_env=False, timeout=30) as client:

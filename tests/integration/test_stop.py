@@ -41,7 +41,7 @@ from adsync.errors import RunLocked
 from adsync.simulator.testing import SimulatorHandle, running_simulator
 from adsync.store import SqlStore, host_identity
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 CLIENT = "ops"
 # How late a sync call may arrive after the signal and still have been sent

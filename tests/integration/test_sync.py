@@ -75,6 +75,7 @@ def duplicates(store: SqlStore) -> int:
     return int(rows)
 
 
+@pytest.mark.slow
 def test_every_campaign_once_with_faults_and_no_429(
     sync_store: SqlStore, database_url: str
 ) -> None:
@@ -104,6 +105,7 @@ def test_every_campaign_once_with_faults_and_no_429(
         assert rows["campaign_1"]["last_run_id"] == second.run_id
 
 
+@pytest.mark.slow
 def test_token_shorter_than_the_run_is_refreshed(sync_store: SqlStore, database_url: str) -> None:
     with running_simulator(process=True, **FAST, token_ttl=0.4, error_rate=0, hang_rate=0) as sim:
         outcome = run(settings_for(sim, database_url), sync_store)

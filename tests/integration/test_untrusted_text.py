@@ -84,6 +84,7 @@ def every_text_value(database_url: str) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_platform_control_characters_reach_no_terminal(tmp_path: Path, database_url: str) -> None:
     script = Script(
         campaigns=[
@@ -137,6 +138,7 @@ def test_platform_control_characters_reach_no_terminal(tmp_path: Path, database_
     assert r"evil\x1b]0;pwned\x07" in show.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("token", ["tök-123456789", "tok-1\r\nX-Injected: 1", ""])
 def test_a_token_that_cannot_go_in_a_header_fails_the_run_cleanly(
     tmp_path: Path, database_url: str, token: str
@@ -154,6 +156,7 @@ def test_a_token_that_cannot_go_in_a_header_fails_the_run_cleanly(
     assert "access token" in run["error"]
 
 
+@pytest.mark.slow
 def test_an_unexpected_error_in_a_run_fails_it_and_exits_1(
     tmp_path: Path, database_url: str
 ) -> None:
@@ -183,6 +186,7 @@ def test_an_unexpected_error_in_a_run_fails_it_and_exits_1(
     assert (resumed["id"], resumed["status"], resumed["resumes"]) == (failed["id"], "failed", 1)
 
 
+@pytest.mark.slow
 def test_a_token_echoed_by_the_platform_is_kept_and_shown_nowhere(
     tmp_path: Path, database_url: str
 ) -> None:

@@ -75,6 +75,7 @@ def _attempt_intervals(db: Db) -> dict[str, list[tuple[datetime, datetime | None
     return spans
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_two_workers_sync_each_account_once_and_recover_a_killed_workers_job(
     tmp_path: Path, pg_url: str
@@ -177,6 +178,7 @@ def test_two_workers_sync_each_account_once_and_recover_a_killed_workers_job(
     assert "recovered stalled jobs of dead workers" in b.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_sigterm_stops_gracefully_and_another_worker_resumes_the_runs(
     tmp_path: Path, pg_url: str
@@ -229,6 +231,7 @@ def test_sigterm_stops_gracefully_and_another_worker_resumes_the_runs(
     assert stopped_in < 5, first.stderr[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_a_second_sigterm_aborts_running_syncs_at_once_and_queues_them_again(
     tmp_path: Path, pg_url: str
@@ -274,6 +277,7 @@ def test_a_second_sigterm_aborts_running_syncs_at_once_and_queues_them_again(
     assert "second signal" in worker.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["worker"], ["enqueue", "--all"]])
 def test_sqlite_is_refused_with_one_line_and_exit_2(tmp_path: Path, command: list[str]) -> None:
     env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'adsync.db'}"}
@@ -330,6 +334,7 @@ async def test_recovery_frees_an_account_whose_stalled_job_cannot_go_back_to_the
         assert again.retried == again.closed == []
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_a_platform_down_is_retried_with_backoff_and_refused_credentials_are_not(
     tmp_path: Path, pg_url: str

@@ -87,6 +87,7 @@ def _settled(db: Db) -> bool:
     )
 
 
+@pytest.mark.slow
 def test_a_worker_paused_past_the_stalled_threshold_keeps_its_job_and_syncs_once(
     tmp_path: Path, pg_url: str
 ) -> None:
@@ -128,6 +129,7 @@ def test_a_worker_paused_past_the_stalled_threshold_keeps_its_job_and_syncs_once
     assert [(j.status, j.attempts) for j in jobs] == [("succeeded", 1)]
 
 
+@pytest.mark.slow
 def test_a_job_whose_run_another_process_holds_waits_for_it_and_ends_done(
     tmp_path: Path, pg_url: str
 ) -> None:
@@ -168,6 +170,7 @@ def test_a_job_whose_run_another_process_holds_waits_for_it_and_ends_done(
     assert "finished by another process" in worker.stderr
 
 
+@pytest.mark.slow
 def test_a_worker_without_an_accounts_secret_leaves_its_jobs_to_other_workers(
     tmp_path: Path, pg_url: str
 ) -> None:
@@ -236,6 +239,7 @@ def test_a_worker_without_an_accounts_secret_leaves_its_jobs_to_other_workers(
         assert ok == {f"campaign_{n}": 1 for n in range(1, campaigns + 1)}, client
 
 
+@pytest.mark.slow
 def test_an_account_disabled_while_its_job_waits_is_not_synced(tmp_path: Path, pg_url: str) -> None:
     count, campaigns = 3, 60
     with (

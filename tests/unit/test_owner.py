@@ -7,7 +7,12 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from adsync.store import host_identity, local_owner_is_dead, make_owner
+
+# A pid surely finished comes from a process started and waited for.
+pytestmark = pytest.mark.slow
 
 
 def _a_finished_pid() -> int:
