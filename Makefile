@@ -32,3 +32,4 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/simulator.py
 	$(BIN)/python bench/single_account.py
+	$(BIN)/python bench/startup.py
