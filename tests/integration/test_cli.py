@@ -5,18 +5,25 @@ from __future__ import annotations
 import base64
 import json
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer.main
 from _proc import adsync
 
 from adsync.cli import app
-from adsync.simulator.testing import running_simulator
+from adsync.simulator.testing import SimulatorHandle, running_simulator
 
 EMAIL = "admin@mixoads.com"
 PASSWORD = "SuperSecret123!"
 BASIC = base64.b64encode(f"{EMAIL}:{PASSWORD}".encode()).decode()
+
+
+def simulator(seed: int, **knobs: Any) -> AbstractContextManager[SimulatorHandle]:
+    """The platform ``platform_env`` is set for: 40 requests per 0.5 s, 10 ms sync calls."""
+    return running_simulator(rate_limit=40, rate_window=0.5, sync_delay=0.01, seed=seed, **knobs)
 
 
 def platform_env(url: str, tmp_path: Path, **over: str) -> dict[str, str]:
@@ -69,7 +76,7 @@ def test_settings_come_from_a_dotenv_file(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_wrong_password_is_exit_3_quickly_without_a_retry_storm(tmp_path: Path) -> None:
-    with running_simulator(rate_limit=40, rate_window=0.5, sync_delay=0.01, seed=3) as sim:
+    with simulator(3) as sim:
         started = time.monotonic()
         result = adsync(
             "sync", env=platform_env(sim.url, tmp_path, AD_PLATFORM_PASSWORD="not-it"), cwd=tmp_path
@@ -87,15 +94,7 @@ def test_wrong_password_is_exit_3_quickly_without_a_retry_storm(tmp_path: Path) 
 
 @pytest.mark.slow
 def test_some_campaigns_failing_is_exit_1_with_a_summary(tmp_path: Path) -> None:
-    with running_simulator(
-        rate_limit=40,
-        rate_window=0.5,
-        sync_delay=0.01,
-        seed=3,
-        error_rate=0,
-        hang_rate=0,
-        fail_sync_ids="campaign_2",
-    ) as sim:
+    with simulator(3, error_rate=0, hang_rate=0, fail_sync_ids="campaign_2") as sim:
         result = adsync(
             "sync", env=platform_env(sim.url, tmp_path, AD_PLATFORM_MAX_ATTEMPTS="2"), cwd=tmp_path
         )
@@ -106,14 +105,7 @@ def test_some_campaigns_failing_is_exit_1_with_a_summary(tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_debug_logs_carry_no_secret(tmp_path: Path) -> None:
-    with running_simulator(
-        rate_limit=40,
-        rate_window=0.5,
-        sync_delay=0.01,
-        seed=5,
-        token_ttl=0.5,
-        invalidate_old_tokens=True,
-    ) as sim:
+    with simulator(5, token_ttl=0.5, invalidate_old_tokens=True) as sim:
         result = adsync(
             "sync",
             "--log-level",

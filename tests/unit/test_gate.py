@@ -144,6 +144,21 @@ def test_the_gate_closes_for_good_with_its_first_reason() -> None:
         gate.check()
 
 
+async def close_and_see_it_abandoned(
+    waiting: asyncio.Task[object], clock: ManualClock, gate: SendGate, reason: str, what: str
+) -> None:
+    """Close ``gate``: ``waiting`` ends in Stopped at once; then let the window pass."""
+    started = clock.monotonic()
+    gate.close(reason)
+    await turns()
+    assert waiting.done(), f"{what} outlived the stop"
+    with pytest.raises(Stopped, match=re.escape(reason)):
+        await waiting
+    assert clock.monotonic() == started
+    clock.advance(120)
+    await turns()
+
+
 @pytest.mark.parametrize("reason", [SIGNALLED, LEASE_TAKEN])
 async def test_a_request_waiting_for_a_slot_is_abandoned_at_once(reason: str) -> None:
     clock = ManualClock()
@@ -151,18 +166,10 @@ async def test_a_request_waiting_for_a_slot_is_abandoned_at_once(reason: str) ->
     platform = Platform(synced)
     client = make_client(platform, clock, gate, limit=1)
     await client.sync_campaign("c1")  # the window's one slot
-    started = clock.monotonic()
     waiting = asyncio.create_task(client.sync_campaign("c2"))
     await until(lambda: clock.sleeping == 1, "the second request waits for the window")
 
-    gate.close(reason)
-    await turns()
-    assert waiting.done(), "the wait for a slot outlived the stop"
-    with pytest.raises(Stopped, match=re.escape(reason)):
-        await waiting
-    assert clock.monotonic() == started
-    clock.advance(120)
-    await turns()
+    await close_and_see_it_abandoned(waiting, clock, gate, reason, "the wait for a slot")
     assert platform.api_calls == ["/api/campaigns/c1/sync"]
     # The slot it never used is free: the budget counts only what was sent.
     assert client.budget.in_window(clock.monotonic() - 60) == 1
@@ -183,16 +190,8 @@ async def test_a_request_waiting_on_a_retry_backoff_is_abandoned_at_once() -> No
     client = make_client(platform, clock, gate)
     waiting = asyncio.create_task(client.sync_campaign("c1"))
     await until(lambda: clock.sleeping == 1, "the backoff after a 503")
-    started = clock.monotonic()
 
-    gate.close(SIGNALLED)
-    await turns()
-    assert waiting.done(), "the backoff outlived the stop"
-    with pytest.raises(Stopped):
-        await waiting
-    assert clock.monotonic() == started
-    clock.advance(120)
-    await turns()
+    await close_and_see_it_abandoned(waiting, clock, gate, SIGNALLED, "the backoff")
     assert platform.api_calls == ["/api/campaigns/c1/sync"]
 
 
@@ -204,16 +203,8 @@ async def test_a_request_waiting_on_a_token_refresh_is_abandoned_at_once() -> No
     client = make_client(platform, clock, gate)
     waiting = asyncio.create_task(client.sync_campaign("c1"))
     await until(lambda: clock.sleeping == 1, "the token endpoint's backoff")
-    started = clock.monotonic()
 
-    gate.close(SIGNALLED)
-    await turns()
-    assert waiting.done(), "the token refresh outlived the stop"
-    with pytest.raises(Stopped):
-        await waiting
-    assert clock.monotonic() == started
-    clock.advance(120)
-    await turns()
+    await close_and_see_it_abandoned(waiting, clock, gate, SIGNALLED, "the token refresh")
     assert platform.token_requests == 1
     assert platform.api_calls == []
 
