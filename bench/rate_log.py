@@ -33,13 +33,8 @@ import psycopg
 from psycopg import sql
 
 from adsync.clock import SystemClock
-from adsync.ratelimit import (
-    RateBudget,
-    Reservation,
-    SendChange,
-    SendLogBatcher,
-    SendRequest,
-)
+from adsync.ratelimit import RateBudget, SendLogBatcher
+from adsync.sendlog import Reservation, SendChange, SendRequest
 from adsync.store import SqlSendLog, SqlStore, make_owner
 
 

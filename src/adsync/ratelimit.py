@@ -24,7 +24,7 @@ Rules, in order of how often they matter:
 
 Several processes may send for the same client id (a mistaken second run, a
 crashed process whose calls still count, a restart right after another run). With
-a :class:`SharedSendLog` (the ``rate_sends`` table of the database adsync already
+a :class:`~adsync.sendlog.SharedSendLog` (the ``rate_sends`` table of the database adsync already
 uses), every send is first *reserved* in the log, in a transaction serialized per
 client id, against the sends of every owner together. The log stamps sends with
 its own clock (the database's, read under its lock), never a process's wall
@@ -46,18 +46,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import structlog
 
 from adsync.clock import Clock
 from adsync.errors import StoreError
+from adsync.sendlog import (
+    Reservation,
+    SendChange,
+    SendRequest,
+    SharedSendLog,
+    earliest_send,
+)
 
 log = structlog.get_logger("adsync.ratelimit")
 
@@ -84,9 +90,6 @@ JITTER_FRACTION = 0.05
 # platform that still refuses says how long to wait once more.
 MAX_PAUSE_WINDOWS = 10
 MIN_MAX_PAUSE_SECONDS = 600.0
-# How far back a shared log reports other owners' sends, in kept windows: more
-# than one, because a refusal is judged over a window plus a jitter tolerance.
-LOOKBACK_SPANS = 2
 # How many recent reservations the offset between the shared log's clock and
 # ours is taken from (the one answered quickest of them): the round trip to the
 # database was 2 ms at the median on a loaded 2-core machine, but 8 ms at p90
@@ -135,149 +138,7 @@ class LimitChange:
     confirmed: bool
 
 
-# -- the log shared across processes ---------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SendRequest:
-    """One budget asking a shared log for a send (see :meth:`SharedSendLog.reserve_many`)."""
-
-    client_id: str
-    owner: str
-    span: float
-    limit: int
-    spacing: float
-
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    """A shared log's answer to one :class:`SendRequest` (seconds on the log's clock)."""
-
-    ok: bool
-    # Our send's stamp when ``ok``; otherwise the moment the log was looked at.
-    at: float
-    # The earliest moment the log would take a send (``at`` itself when ``ok``).
-    retry_at: float
-    # Every other owner's send after ``at - LOOKBACK_SPANS * span``, ascending.
-    foreign: tuple[float, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class SendChange:
-    """One of our logged sends moved ``to`` when it really left, or (``to`` None) removed."""
-
-    client_id: str
-    owner: str
-    sent_at: float
-    to: float | None = None
-
-
-class SharedSendLog(Protocol):
-    """The sends of each client id by every process, where all of them can see them.
-
-    Thread-safe and blocking (a database); budgets reach it through a
-    :class:`SendLogBatcher`.
-    """
-
-    def reserve_many(
-        self, requests: Sequence[SendRequest], changes: Sequence[SendChange] = ()
-    ) -> list[Reservation]:
-        """Apply ``changes`` to our own sends, then take ``requests``; all atomically.
-
-        For each request in order, a send is logged at the log's own clock if all
-        owners' sends together leave room. The clock is read once the client ids'
-        logs are locked, so stamps are in the order sends were admitted, and no
-        process's clock comes into it. Each answer is
-        :func:`decide_reservation` over the sends of the last
-        ``LOOKBACK_SPANS * span`` (earlier requests of the batch included). Raises
-        :class:`~adsync.errors.StoreError` when the log cannot be reached.
-        """
-        ...
-
-
-def earliest_send(
-    stamps: Sequence[float], at: float, *, span: float, limit: int, spacing: float
-) -> float:
-    """The earliest moment from ``at`` on that a send may leave after ``stamps`` (ascending)."""
-    if stamps:
-        at = max(at, stamps[-1] + spacing)
-        live = [s for s in stamps if s > at - span]
-        if len(live) >= limit:
-            at = max(at, live[len(live) - limit] + span)
-    return at
-
-
-def decide_reservation(
-    sends: Sequence[tuple[float, str]],
-    owner: str,
-    now: float,
-    *,
-    span: float,
-    limit: int,
-    spacing: float,
-) -> Reservation:
-    """Whether ``owner`` may send at ``now``, given every owner's ``(stamp, owner)`` sends.
-
-    ``sends`` are those of the last ``LOOKBACK_SPANS * span``; ones stamped after
-    ``now`` (another host's clock running ahead) count too.
-    """
-    ordered = sorted(sends)
-    free_at = earliest_send([s for s, _ in ordered], now, span=span, limit=limit, spacing=spacing)
-    foreign = tuple(s for s, o in ordered if o != owner)
-    return Reservation(ok=free_at <= now, at=now, retry_at=free_at, foreign=foreign)
-
-
-class InMemorySendLog:
-    """A :class:`SharedSendLog` in memory, for tests; thread-safe like the database one.
-
-    ``now`` is its clock (the database's, in seconds), read once per batch.
-    """
-
-    def __init__(self, now: Callable[[], float]) -> None:
-        self._now = now
-        self._lock = threading.Lock()
-        self._sends: dict[str, list[tuple[float, str]]] = {}
-        self.reservations = 0
-        self.batches = 0
-
-    def reserve_many(
-        self, requests: Sequence[SendRequest], changes: Sequence[SendChange] = ()
-    ) -> list[Reservation]:
-        with self._lock:
-            self.batches += 1
-            for change in changes:
-                sends = self._sends.get(change.client_id, [])
-                with contextlib.suppress(ValueError):
-                    i = sends.index((change.sent_at, change.owner))
-                    if change.to is None:
-                        del sends[i]
-                    else:
-                        sends[i] = (change.to, change.owner)
-            at = self._now()
-            return [self._reserve(r, at) for r in requests]
-
-    def reserve(
-        self, client_id: str, owner: str, *, span: float, limit: int, spacing: float
-    ) -> Reservation:
-        """One request on its own."""
-        return self.reserve_many([SendRequest(client_id, owner, span, limit, spacing)])[0]
-
-    def sends(self, client_id: str) -> list[tuple[float, str]]:
-        """The logged ``(stamp, owner)`` sends of a client id, oldest first."""
-        with self._lock:
-            return sorted(self._sends.get(client_id, []))
-
-    def _reserve(self, r: SendRequest, at: float) -> Reservation:
-        self.reservations += 1
-        horizon = at - LOOKBACK_SPANS * r.span
-        sends = [s for s in self._sends.get(r.client_id, []) if s[0] > horizon]
-        decision = decide_reservation(
-            sends, r.owner, at, span=r.span, limit=r.limit, spacing=r.spacing
-        )
-        if decision.ok:
-            sends.append((at, r.owner))
-        self._sends[r.client_id] = sends
-        return decision
+# -- the way to the log shared across processes --------------------------------
 
 
 class SendLogBatcher:

@@ -32,9 +32,10 @@ from adsync.exit_codes import (
 from adsync.metrics import Metrics
 from adsync.models import RunStatus
 from adsync.observability import REDACTOR
+from adsync.owner import make_owner
 from adsync.ratelimit import Margin, RateBudget, SendLogBatcher
 from adsync.retry import RetryPolicy
-from adsync.store import SqlStore, make_owner
+from adsync.store import SqlStore
 from adsync.sync import PipelineOptions, RunProgress, RunWriter, SyncJob, SyncOutcome
 
 

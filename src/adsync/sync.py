@@ -40,8 +40,8 @@ from adsync.models import (
     RunWrite,
     SyncedCampaign,
 )
+from adsync.owner import local_owner_is_dead
 from adsync.pagination import Accepted, Listing
-from adsync.store import local_owner_is_dead
 
 if TYPE_CHECKING:
     from adsync.store import SqlStore

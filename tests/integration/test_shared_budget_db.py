@@ -116,7 +116,9 @@ def test_old_sends_are_swept_and_others_kept(store: SqlStore) -> None:
         assert reserve_at(log, t, "acme", "a", span=SPAN, limit=5, spacing=0.0).ok
     assert reserve_at(log, T0, "other", "a", span=SPAN, limit=5, spacing=0.0).ok
     # Much later, a fresh log (a new process) reserves: acme's old rows go.
-    later = reserve_at(SqlSendLog(store), T0 + 100, "acme", "b", span=SPAN, limit=5, spacing=0.0)
+    later = reserve_at(
+        SqlSendLog(store.database), T0 + 100, "acme", "b", span=SPAN, limit=5, spacing=0.0
+    )
     assert (later.ok, later.foreign) == (True, ())
     assert log.sends("acme") == [(T0 + 100, "b")]
     assert log.sends("other") == [(T0, "a")]

@@ -41,9 +41,9 @@ def test_the_password_is_found_in_the_userinfo_and_in_the_query() -> None:
 def test_where_a_store_points_never_shows_a_password(url: str) -> None:
     store = SqlStore.from_url(url)
     try:
-        assert "hunter2secret" not in store._where()
-        assert "127.0.0.1" in store._where()
-        described = store._describe(RuntimeError("auth failed for hunter2secret"))
+        assert "hunter2secret" not in store.database.where
+        assert "127.0.0.1" in store.database.where
+        described = store.database.describe(RuntimeError("auth failed for hunter2secret"))
         assert "hunter2secret" not in described
     finally:
         store.dispose()

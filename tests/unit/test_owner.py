@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from adsync.store import host_identity, local_owner_is_dead, make_owner
+from adsync.owner import host_identity, local_owner_is_dead, make_owner
 
 # A pid surely finished comes from a process started and waited for.
 pytestmark = pytest.mark.slow

@@ -16,13 +16,11 @@ from platform_window import PlatformWindow, nothing
 
 from adsync.clock import FakeClock
 from adsync.errors import StoreError
-from adsync.ratelimit import (
+from adsync.ratelimit import RateBudget, Send, SendLogBatcher
+from adsync.sendlog import (
     InMemorySendLog,
-    RateBudget,
     Reservation,
-    Send,
     SendChange,
-    SendLogBatcher,
     SendRequest,
     decide_reservation,
 )

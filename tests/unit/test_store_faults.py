@@ -18,7 +18,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from adsync.errors import ConfigError, StoreError
 from adsync.models import Checkpoint, RunCounters, RunRecord, RunStatus
-from adsync.store import SqlStore, UTCDateTime, is_transient
+from adsync.store import SqlStore, UTCDateTime, is_transient_db_error
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -98,14 +98,14 @@ def _sqlite_error(name: str, message: str) -> sqlite3.Error:
         pytest.param(ValueError("not a database error"), False, id="other"),
     ],
 )
-def test_is_transient(error: BaseException, transient: bool) -> None:
-    assert is_transient(error) is transient
+def test_is_transient_db_error(error: BaseException, transient: bool) -> None:
+    assert is_transient_db_error(error) is transient
 
 
 def test_invalidated_connection_is_transient() -> None:
     error = sa.exc.DBAPIError("SELECT 1", {}, psycopg.DatabaseError("gone"))
     error.connection_invalidated = True
-    assert is_transient(error)
+    assert is_transient_db_error(error)
 
 
 def test_connect_failures_are_retried_with_backoff(tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
 """Alembic environment for adsync.
 
-adsync runs Alembic programmatically (:meth:`adsync.store.SqlStore.upgrade`) and
+adsync runs Alembic programmatically (:meth:`adsync.store.store.SqlStore.upgrade`) and
 hands over an open connection in ``config.attributes["connection"]``, so that the
 caller controls the engine, the transaction and the lock around it. There is no
-``alembic.ini`` and no URL here.
+``alembic.ini`` and no URL here. The tables these migrations make are described,
+for the code that uses them, in :mod:`adsync.store.schema` (a test compares the two).
 """
 
 from __future__ import annotations

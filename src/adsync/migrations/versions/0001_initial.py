@@ -17,8 +17,8 @@ down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# Types are spelled out here rather than imported from adsync.store: a migration
-# must keep describing the schema as it was, whatever the store module becomes.
+# Types are spelled out here rather than imported from adsync.store.schema: a
+# migration must keep describing the schema as it was, whatever the store becomes.
 _TS = sa.DateTime(timezone=True)
 _RUNNING = sa.text("status = 'running'")
 

@@ -1,0 +1,65 @@
+"""What every store keeps the same way, written once: item states, kept text, messages.
+
+:class:`~adsync.store.SqlStore` and :class:`~adsync.store.InMemoryStore` both
+use these, so that what one stores and says is what the other does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Final
+
+from adsync.observability import REDACTOR
+from adsync.printable import shorten
+
+__all__ = [
+    "ITEM_FAILED",
+    "ITEM_PENDING",
+    "ITEM_SYNCED",
+    "ITEM_UNLISTED",
+    "abandon_note",
+    "kept",
+    "lease_held",
+    "no_longer_ours",
+    "unique_ids",
+]
+
+# The state of one listed campaign in a run (``run_items.state``).
+ITEM_PENDING: Final = "pending"
+ITEM_SYNCED: Final = "synced"
+ITEM_FAILED: Final = "failed"
+# Listed by an earlier part of a resumed run, but no longer by the listing it
+# finished with: not part of the run's result.
+ITEM_UNLISTED: Final = "unlisted"
+
+
+def kept(text: str) -> str:
+    """``text`` as a store keeps it (a failure's reason, a run's error)."""
+    # Reasons and errors quote the platform and exceptions: no secret the process
+    # knows goes into the database, and no megabyte error body either.
+    return shorten(REDACTOR.scrub(text))
+
+
+def unique_ids(values: Iterable[str]) -> list[str]:
+    """The non-empty ids of ``values``, each once, in their first order."""
+    return list(dict.fromkeys(v for v in values if v))
+
+
+def abandon_note(resume_within: float) -> str:
+    """Why a run was closed as ``abandoned``; added to its error (after ``; ``, if it had one)."""
+    return f"abandoned: not resumed within {resume_within:g}s of when it last ran"
+
+
+def lease_held(client_id: str, run_id: str, owner: str, lease_until: datetime) -> str:
+    """Why a claim is refused while another owner's lease holds."""
+    return (
+        f"client {client_id!r} already has a run in progress: run {run_id} "
+        f"is held by {owner} until {lease_until.isoformat()}; "
+        "it is taken over automatically once that lease expires"
+    )
+
+
+def no_longer_ours(run_id: str, status: str, owner: str) -> str:
+    """Why a run cannot be finished by a process that no longer holds it."""
+    return f"run {run_id} is no longer held by this process: it is {status}, owned by {owner}"

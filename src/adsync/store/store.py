@@ -1,0 +1,914 @@
+"""The SQLite / PostgreSQL store: runs, checkpoints, campaigns and history (SQLAlchemy Core).
+
+The store is synchronous; the async pipeline calls it through ``asyncio.to_thread``.
+Every public method is one transaction of its :class:`~adsync.store.database.Database`
+(retried whole on transient faults; failures come out as
+:class:`~adsync.errors.StoreError`, without the DSN password).
+
+Run ownership is a lease: the process that claims a run stamps it with its owner
+string and ``lease_until`` and keeps renewing it (:meth:`SqlStore.heartbeat`). A
+``running`` run whose lease has expired belongs to a dead process and is taken over
+by the next claimer; a partial unique index guarantees, in the database itself, at
+most one ``running`` run per client.
+
+Leases go by the database's clock, read inside the transaction that decides
+(``clock_timestamp()`` on PostgreSQL; on SQLite the clock of the one host that
+can open the file), never by the calling process's clock: hosts whose clocks
+disagree still agree on who holds a run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
+from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.exc import IntegrityError
+
+from adsync.errors import AmbiguousRunId, ConfigError, RunLocked, StoreError
+from adsync.models import (
+    CampaignFailure,
+    Checkpoint,
+    RunCounters,
+    RunRecord,
+    RunStatus,
+    RunWrite,
+    SyncedCampaign,
+)
+from adsync.store.database import Database, engine_for
+from adsync.store.faults import is_missing_database
+from adsync.store.protocol import Store
+from adsync.store.rules import (
+    ITEM_FAILED,
+    ITEM_PENDING,
+    ITEM_SYNCED,
+    ITEM_UNLISTED,
+    abandon_note,
+    kept,
+    lease_held,
+    no_longer_ours,
+    unique_ids,
+)
+from adsync.store.schema import (
+    MIGRATIONS_DIR,
+    campaign_snapshots,
+    campaigns,
+    run_items,
+    schema_problem,
+    sync_failures,
+    sync_runs,
+)
+from adsync.store.sendlog import SqlSendLog
+
+__all__ = ["SqlStore"]
+
+log = logging.getLogger("adsync.store")
+
+# Any fixed 64-bit number will do; it only has to be the same in every adsync process.
+_PG_MIGRATION_LOCK: Final = 0x61_64_73_79_6E_63_01
+
+_CLAIM_ROUNDS: Final = 3
+
+
+class _LostRace(Exception):
+    """Another claimer changed the run between our read and our write: look again."""
+
+
+class SqlStore:
+    """The SQLite / PostgreSQL store. Thread-safe: one per process, shared by all tasks."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        retry_attempts: int = 5,
+        retry_wait: float = 0.5,
+        retry_wait_max: float = 10.0,
+        sleep: Callable[[float], None] = time.sleep,
+        now: Callable[[], datetime] | None = None,
+        read_only: bool = False,
+    ) -> None:
+        """``now`` stands in for the database's clock (tests); see :meth:`Database.now`."""
+        self._db = Database(
+            engine,
+            retry_attempts=retry_attempts,
+            retry_wait=retry_wait,
+            retry_wait_max=retry_wait_max,
+            sleep=sleep,
+            now=now,
+            read_only=read_only,
+        )
+        self.engine = engine
+        self.read_only = read_only
+        # Stamps that only record when something happened (not decisions).
+        self._now = now or (lambda: datetime.now(UTC))
+        self._send_log: SqlSendLog | None = None
+        # run id -> run_seq; a run's number never changes, so it is looked up once.
+        self._run_seqs: dict[str, int] = {}
+
+    @classmethod
+    def from_url(cls, database_url: str, *, read_only: bool = False, **kw: Any) -> SqlStore:
+        """Build the engine (one pool for the process) and the store over it.
+
+        A URL that cannot be used is a :class:`ConfigError` (exit 2), never a
+        database outage to retry. ``read_only`` opens SQLite with ``mode=ro``
+        (a missing file is a :class:`ConfigError`: nothing is created) and runs
+        every PostgreSQL transaction ``READ ONLY``.
+        """
+        return cls(engine_for(database_url, read_only=read_only), read_only=read_only, **kw)
+
+    @property
+    def database(self) -> Database:
+        """The database under the store: its transactions, its clock, where it is."""
+        return self._db
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self._db.dispose()
+
+    def send_log(self) -> SqlSendLog:
+        """The rate budget's log of sends shared by every process using this database."""
+        if self._send_log is None:
+            self._send_log = SqlSendLog(self._db)
+        return self._send_log
+
+    # --- schema -----------------------------------------------------------------------
+
+    def upgrade(self) -> None:
+        """Apply the Alembic migrations up to head; a no-op when already there.
+
+        Safe when several processes start at once: on PostgreSQL they queue on an
+        advisory lock, on SQLite on the write lock (``BEGIN IMMEDIATE``); the later
+        ones then find the schema at head.
+        """
+
+        def migrate(conn: Connection) -> None:
+            if not self._db.sqlite:
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_MIGRATION_LOCK)))
+            cfg = Config()
+            # Config values go through configparser interpolation.
+            cfg.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+        try:
+            self._db.transaction("upgrade", migrate, write=True)
+        except CommandError as exc:
+            raise StoreError(
+                f"cannot migrate the database: {exc} (is it from a newer adsync?)"
+            ) from exc
+
+    def require_schema(self) -> None:
+        """Check, without changing anything, that the schema is this adsync's.
+
+        For the commands that only read: a missing database or a schema that is
+        missing, older or newer is a :class:`ConfigError` saying what to do.
+        """
+        try:
+            current = self._db.transaction(
+                "schema",
+                lambda conn: frozenset(MigrationContext.configure(conn).get_current_heads()),
+            )
+        except StoreError as exc:
+            cause = exc.__cause__
+            if cause is not None and is_missing_database(cause):
+                raise ConfigError(
+                    f"cannot open the database of DATABASE_URL ({self._db.where}): "
+                    f"{self._db.describe(cause)}"
+                ) from exc
+            raise
+        script = ScriptDirectory(str(MIGRATIONS_DIR))
+        known = frozenset(rev.revision for rev in script.walk_revisions())
+        problem = schema_problem(current, frozenset(script.get_heads()), known)
+        if problem is not None:
+            raise ConfigError(f"{problem} (DATABASE_URL: {self._db.where})")
+
+    # --- runs ---------------------------------------------------------------------------
+
+    def claim_run(
+        self,
+        client_id: str,
+        owner: str,
+        lease_seconds: float,
+        *,
+        owner_is_dead: Callable[[str], bool] | None = None,
+        resume_within: float | None = None,
+    ) -> RunRecord:
+        """Take the client's unfinished run over, or start a new one.
+
+        ``owner_is_dead`` may say that a live lease's holder is known to be gone
+        (a process of this host that no longer exists), so its run is taken over
+        at once instead of when the lease expires.
+
+        Resumes, in this order: a ``running`` run whose lease expired (its process
+        died), then the latest run finished as resumable (``interrupted``, or
+        ``failed`` with ``resumable=True``). An unfinished run that last ran more
+        than ``resume_within`` seconds ago (None: no bound) is not resumed: it is
+        closed as ``abandoned`` and a new run starts. Raises :class:`RunLocked`
+        while another owner holds a live lease. The lease's times are the
+        database's (:meth:`Database.now`). Every takeover is a compare-and-set, and the
+        one-running-run index settles concurrent inserts, so exactly one claimer wins.
+        """
+        for _ in range(_CLAIM_ROUNDS):
+            try:
+                return self._db.transaction(
+                    "claim_run",
+                    lambda conn: self._claim_once(
+                        conn, client_id, owner, lease_seconds, owner_is_dead, resume_within
+                    ),
+                    write=True,
+                )
+            except _LostRace:
+                log.debug("lost a race to claim a run for client %r; looking again", client_id)
+        raise RunLocked(
+            f"could not claim a run for client {client_id!r}: "
+            "other processes kept claiming it at the same time"
+        )
+
+    def _claim_once(  # noqa: PLR0917 - private, called from one place
+        self,
+        conn: Connection,
+        client_id: str,
+        owner: str,
+        lease_seconds: float,
+        owner_is_dead: Callable[[str], bool] | None,
+        resume_within: float | None,
+    ) -> RunRecord:
+        now = self._db.now(conn)
+        lease_until = now + timedelta(seconds=lease_seconds)
+        # An unfinished run that last ran before this is too old to resume.
+        stale_before = None if resume_within is None else now - timedelta(seconds=resume_within)
+        note = "" if resume_within is None else abandon_note(resume_within)
+        running = conn.execute(
+            sa.select(sync_runs).where(
+                sync_runs.c.client_id == client_id,
+                sync_runs.c.status == RunStatus.RUNNING.value,
+            )
+        ).first()
+        takeover = {
+            "owner": owner,
+            "heartbeat_at": now,
+            "lease_until": lease_until,
+            "resumes": sync_runs.c.resumes + 1,
+        }
+        if running is not None:
+            if running.owner == owner:
+                # Ours already: an earlier attempt committed but its answer was lost.
+                return _record(running, resumed=running.resumes > 0)
+            dead = owner_is_dead is not None and owner_is_dead(running.owner)
+            if running.lease_until >= now and not dead:
+                raise RunLocked(
+                    lease_held(client_id, running.id, running.owner, running.lease_until)
+                )
+            still_theirs = (
+                sync_runs.c.id == running.id,
+                sync_runs.c.status == RunStatus.RUNNING.value,
+                sync_runs.c.owner == running.owner,
+                sync_runs.c.resumes == running.resumes,
+                sa.true() if dead else sync_runs.c.lease_until < now,
+            )
+            if stale_before is not None and running.heartbeat_at < stale_before:
+                self._abandon(conn, still_theirs, running.heartbeat_at, note)
+            else:
+                result = conn.execute(sa.update(sync_runs).where(*still_theirs).values(**takeover))
+                if result.rowcount != 1:
+                    raise _LostRace
+                return self._read_run(conn, running.id, resumed=True)
+
+        candidate = conn.execute(
+            sa.select(sync_runs.c.id, sync_runs.c.status, sync_runs.c.heartbeat_at)
+            .where(sync_runs.c.client_id == client_id, sync_runs.c.resumable.is_(True))
+            .order_by(sync_runs.c.started_at.desc(), sync_runs.c.id.desc())
+            .limit(1)
+        ).first()
+        if (
+            candidate is not None
+            and stale_before is not None
+            and candidate.heartbeat_at < stale_before
+        ):
+            unchanged = (
+                sync_runs.c.id == candidate.id,
+                sync_runs.c.status == candidate.status,
+                sync_runs.c.resumable.is_(True),
+            )
+            self._abandon(conn, unchanged, candidate.heartbeat_at, note)
+            candidate = None
+        if candidate is not None:
+            try:
+                result = conn.execute(
+                    sa.update(sync_runs)
+                    .where(
+                        sync_runs.c.id == candidate.id,
+                        sync_runs.c.status == candidate.status,
+                        sync_runs.c.resumable.is_(True),
+                    )
+                    .values(
+                        status=RunStatus.RUNNING.value,
+                        resumable=False,
+                        finished_at=None,
+                        error=None,
+                        **takeover,
+                    )
+                )
+            except IntegrityError as exc:  # someone else's new run became 'running' first
+                raise _LostRace from exc
+            if result.rowcount != 1:
+                raise _LostRace
+            return self._read_run(conn, candidate.id, resumed=True)
+
+        # The client's runs never overlap (one running at a time, in the database),
+        # so the next number is one more than the last; a concurrent claimer taking
+        # the same number loses on the unique index and looks again.
+        seq = conn.execute(
+            sa.select(sa.func.coalesce(sa.func.max(sync_runs.c.run_seq), 0) + 1).where(
+                sync_runs.c.client_id == client_id
+            )
+        ).scalar_one()
+        run_id = uuid.uuid4().hex
+        try:
+            conn.execute(
+                sa.insert(sync_runs).values(
+                    id=run_id,
+                    client_id=client_id,
+                    status=RunStatus.RUNNING.value,
+                    started_at=now,
+                    heartbeat_at=now,
+                    lease_until=lease_until,
+                    owner=owner,
+                    resumes=0,
+                    listing_complete=False,
+                    resumable=False,
+                    run_seq=seq,
+                    active_seconds=0.0,
+                )
+            )
+        except IntegrityError as exc:  # a concurrent claimer inserted first
+            raise _LostRace from exc
+        return self._read_run(conn, run_id, resumed=False)
+
+    def _abandon(
+        self,
+        conn: Connection,
+        unchanged: tuple[sa.ColumnElement[bool], ...],
+        last_ran: datetime,
+        note: str,
+    ) -> None:
+        """Close a run too old to resume, if it is still as it was read (else look again)."""
+        result = conn.execute(
+            sa.update(sync_runs)
+            .where(*unchanged)
+            .values(
+                status=RunStatus.ABANDONED.value,
+                resumable=False,
+                finished_at=sa.func.coalesce(sync_runs.c.finished_at, last_ran),
+                error=sa.case(
+                    (sync_runs.c.error.is_(None), note),
+                    else_=sync_runs.c.error + f"; {note}",
+                ),
+            )
+        )
+        if result.rowcount != 1:
+            raise _LostRace
+        log.info("abandoned an unfinished run too old to resume (%s)", note)
+
+    def heartbeat(self, run_id: str, owner: str, lease_seconds: float) -> bool:
+        """Extend the lease; False when the run is no longer ours (taken over or finished).
+
+        The lease runs from the database's clock, and the time since the last beat
+        counts as time the run was running.
+        """
+
+        def beat(conn: Connection) -> bool:
+            now = self._db.now(conn)
+            result = conn.execute(
+                sa.update(sync_runs)
+                .where(
+                    sync_runs.c.id == run_id,
+                    sync_runs.c.owner == owner,
+                    sync_runs.c.status == RunStatus.RUNNING.value,
+                )
+                .values(
+                    heartbeat_at=now,
+                    lease_until=now + timedelta(seconds=lease_seconds),
+                    active_seconds=sync_runs.c.active_seconds
+                    + self._db.seconds_since(now, sync_runs.c.heartbeat_at),
+                )
+            )
+            return result.rowcount == 1
+
+        return self._db.transaction("heartbeat", beat, write=True)
+
+    def save_counters(self, run_id: str, counters: RunCounters) -> None:
+        """Record the run's counters (absolute values, not increments)."""
+        self._db.transaction("save_counters", self._counters_step(run_id, counters), write=True)
+
+    def _counters_step(self, run_id: str, counters: RunCounters) -> Callable[[Connection], object]:
+        statement = (
+            sa.update(sync_runs).where(sync_runs.c.id == run_id).values(**_counter_values(counters))
+        )
+        return lambda conn: conn.execute(statement)
+
+    def finish_run(
+        self,
+        run_id: str,
+        owner: str,
+        status: RunStatus,
+        counters: RunCounters,
+        error: str | None = None,
+        *,
+        resumable: bool | None = None,
+    ) -> None:
+        """Close the run with its final status and counters, at the database's time.
+
+        ``resumable`` (default: True only for ``interrupted``) marks a run that the
+        next :meth:`claim_run` for the client takes over instead of starting afresh;
+        pass True for a run that failed for a passing reason (database or platform
+        down) so its unwritten campaigns stay pending. Raises :class:`RunLocked` if
+        the run is no longer ours.
+        """
+        if status is RunStatus.RUNNING:
+            raise ValueError("finish_run needs a final status, not 'running'")
+        keep = status is RunStatus.INTERRUPTED if resumable is None else resumable
+
+        def finish(conn: Connection) -> None:
+            now = self._db.now(conn)
+            result = conn.execute(
+                sa.update(sync_runs)
+                .where(
+                    sync_runs.c.id == run_id,
+                    sync_runs.c.owner == owner,
+                    sync_runs.c.status == RunStatus.RUNNING.value,
+                )
+                .values(
+                    status=status.value,
+                    finished_at=now,
+                    heartbeat_at=now,
+                    active_seconds=sync_runs.c.active_seconds
+                    + self._db.seconds_since(now, sync_runs.c.heartbeat_at),
+                    resumable=keep,
+                    error=None if error is None else kept(error),
+                    **_counter_values(counters),
+                )
+            )
+            if result.rowcount == 1:
+                return
+            row = conn.execute(sa.select(sync_runs).where(sync_runs.c.id == run_id)).first()
+            if row is None:
+                raise StoreError(f"no run {run_id}")
+            if row.owner == owner and row.status == status.value:
+                return  # an earlier attempt committed but its answer was lost
+            raise RunLocked(no_longer_ours(run_id, row.status, row.owner))
+
+        self._db.transaction("finish_run", finish, write=True)
+
+    # --- checkpoint -------------------------------------------------------------------
+
+    def record_listed(self, run_id: str, client_id: str, campaign_ids: Sequence[str]) -> None:
+        """Remember listed campaigns as pending; rows already there keep their state.
+
+        Except ``unlisted`` ones: listed again, they are pending again.
+        """
+        ids = unique_ids(campaign_ids)
+        if not ids:
+            return
+        now = self._now()
+        rows = [
+            {
+                "run_id": run_id,
+                "client_id": client_id,
+                "campaign_id": cid,
+                "state": ITEM_PENDING,
+                "updated_at": now,
+            }
+            for cid in ids
+        ]
+        ins = self._db.insert(run_items)
+        stmt = ins.on_conflict_do_update(
+            index_elements=[run_items.c.run_id, run_items.c.campaign_id],
+            set_={"state": ins.excluded.state, "updated_at": ins.excluded.updated_at},
+            where=run_items.c.state == ITEM_UNLISTED,
+        )
+        self._db.transaction("record_listed", lambda conn: conn.execute(stmt, rows), write=True)
+
+    def mark_listing_complete(self, run_id: str, unlisted: Iterable[str] = ()) -> None:
+        """Record that every page of the listing has been seen.
+
+        ``unlisted``: campaigns an earlier part of a resumed run listed that this
+        listing no longer has. Whatever their state, they leave the run's result:
+        their items become ``unlisted`` and their failures in the run are dropped.
+        """
+        keys = [{"b_run_id": run_id, "b_campaign_id": cid} for cid in unique_ids(unlisted)]
+        now = self._now()
+
+        def complete(conn: Connection) -> None:
+            conn.execute(
+                sa.update(sync_runs).where(sync_runs.c.id == run_id).values(listing_complete=True)
+            )
+            if not keys:
+                return
+            conn.execute(
+                sa.update(run_items)
+                .where(
+                    run_items.c.run_id == sa.bindparam("b_run_id"),
+                    run_items.c.campaign_id == sa.bindparam("b_campaign_id"),
+                )
+                .values(state=ITEM_UNLISTED, updated_at=now),
+                keys,
+            )
+            conn.execute(
+                sa.delete(sync_failures).where(
+                    sync_failures.c.run_id == sa.bindparam("b_run_id"),
+                    sync_failures.c.campaign_id == sa.bindparam("b_campaign_id"),
+                ),
+                keys,
+            )
+
+        self._db.transaction("mark_listing_complete", complete, write=True)
+
+    def checkpoint(self, run_id: str) -> Checkpoint:
+        """What the run has durably done: listed, synced and failed campaign ids."""
+
+        def read(conn: Connection) -> Checkpoint:
+            complete = conn.execute(
+                sa.select(sync_runs.c.listing_complete).where(sync_runs.c.id == run_id)
+            ).scalar_one_or_none()
+            if complete is None:
+                raise StoreError(f"no run {run_id}")
+            items = conn.execute(
+                sa.select(run_items.c.campaign_id, run_items.c.state).where(
+                    run_items.c.run_id == run_id
+                )
+            ).all()
+            return Checkpoint(
+                synced=frozenset(i.campaign_id for i in items if i.state == ITEM_SYNCED),
+                failed=frozenset(i.campaign_id for i in items if i.state == ITEM_FAILED),
+                listed=frozenset(i.campaign_id for i in items if i.state != ITEM_UNLISTED),
+                listing_complete=bool(complete),
+            )
+
+        return self._db.transaction("checkpoint", read)
+
+    # --- campaigns ----------------------------------------------------------------------
+
+    def write_synced(self, run_id: str, client_id: str, batch: Sequence[SyncedCampaign]) -> None:
+        """Store a batch of synced campaigns in one transaction.
+
+        Upserts ``campaigns`` (latest values; ``first_synced_at`` kept; never
+        overwritten by an earlier run, whatever the platform's ``synced_at`` says:
+        runs are ordered by their ``run_seq``), adds one history row per campaign
+        per run (a resumed run's repeat is ignored), marks the items synced and
+        drops their earlier failure records in this run.
+        """
+        step = self._synced_step(run_id, client_id, batch)
+        if step is not None:
+            self._db.transaction("write_synced", step, write=True)
+
+    def write_runs(self, writes: Sequence[RunWrite]) -> None:
+        """What the writers of several runs have ready, in one transaction.
+
+        Group commit: a process syncing many accounts pays one transaction per
+        round instead of several per account. Each part is what
+        :meth:`write_failures`, :meth:`write_synced` and :meth:`save_counters` do.
+        """
+        steps: list[Callable[[Connection], object]] = []
+        for w in writes:
+            for step in (
+                self._failures_step(w.run_id, w.client_id, w.failures),
+                self._synced_step(w.run_id, w.client_id, w.synced),
+                None if w.counters is None else self._counters_step(w.run_id, w.counters),
+            ):
+                if step is not None:
+                    steps.append(step)
+        if not steps:
+            return
+
+        def write(conn: Connection) -> None:
+            for step in steps:
+                step(conn)
+
+        self._db.transaction("write_runs", write, write=True)
+
+    def _synced_step(
+        self, run_id: str, client_id: str, batch: Sequence[SyncedCampaign]
+    ) -> Callable[[Connection], None] | None:
+        # ON CONFLICT cannot touch one row twice in a statement: last one wins.
+        latest = list({s.campaign.id: s for s in batch}.values())
+        if not latest:
+            return None
+        now = self._now()
+        campaign_rows = [
+            {
+                "client_id": client_id,
+                "id": s.campaign.id,
+                "name": s.campaign.name,
+                "status": s.campaign.status,
+                "budget": s.campaign.budget,
+                "impressions": s.campaign.impressions,
+                "clicks": s.campaign.clicks,
+                "conversions": s.campaign.conversions,
+                "created_at": s.campaign.created_at,
+                "first_synced_at": s.synced_at,
+                "last_synced_at": s.synced_at,
+                "last_run_id": run_id,
+            }
+            for s in latest
+        ]
+        snapshot_rows = [
+            {
+                "run_id": run_id,
+                "client_id": client_id,
+                "campaign_id": s.campaign.id,
+                "synced_at": s.synced_at,
+                "status": s.campaign.status,
+                "budget": s.campaign.budget,
+                "impressions": s.campaign.impressions,
+                "clicks": s.campaign.clicks,
+                "conversions": s.campaign.conversions,
+            }
+            for s in latest
+        ]
+        item_rows = [
+            {
+                "run_id": run_id,
+                "client_id": client_id,
+                "campaign_id": s.campaign.id,
+                "state": ITEM_SYNCED,
+                "updated_at": now,
+            }
+            for s in latest
+        ]
+
+        upsert = self._db.insert(campaigns)
+        kept = ("client_id", "id", "first_synced_at")
+        # adsync's own order of runs decides, not the platform's clock (it may jump
+        # to 2099 once, or run minutes behind). Within one run the later write wins.
+        upsert_campaigns = upsert.on_conflict_do_update(
+            index_elements=[campaigns.c.client_id, campaigns.c.id],
+            set_={c.name: upsert.excluded[c.name] for c in campaigns.c if c.name not in kept},
+            where=campaigns.c.last_run_seq <= upsert.excluded.last_run_seq,
+        )
+        insert_snapshots = self._db.insert(campaign_snapshots).on_conflict_do_nothing(
+            index_elements=[
+                campaign_snapshots.c.run_id,
+                campaign_snapshots.c.client_id,
+                campaign_snapshots.c.campaign_id,
+            ]
+        )
+        items = self._db.insert(run_items)
+        mark_synced = items.on_conflict_do_update(
+            index_elements=[run_items.c.run_id, run_items.c.campaign_id],
+            set_={"state": items.excluded.state, "updated_at": items.excluded.updated_at},
+        )
+        forget_failures = sa.delete(sync_failures).where(
+            sync_failures.c.run_id == sa.bindparam("b_run_id"),
+            sync_failures.c.client_id == sa.bindparam("b_client_id"),
+            sync_failures.c.campaign_id == sa.bindparam("b_campaign_id"),
+        )
+        failure_keys = [
+            {"b_run_id": run_id, "b_client_id": client_id, "b_campaign_id": s.campaign.id}
+            for s in latest
+        ]
+
+        def write(conn: Connection) -> None:
+            seq = self._run_seq(conn, run_id)
+            conn.execute(upsert_campaigns, [{**r, "last_run_seq": seq} for r in campaign_rows])
+            conn.execute(insert_snapshots, snapshot_rows)
+            conn.execute(mark_synced, item_rows)
+            conn.execute(forget_failures, failure_keys)
+
+        return write
+
+    def _run_seq(self, conn: Connection, run_id: str) -> int:
+        seq = self._run_seqs.get(run_id)
+        if seq is None:
+            seq = int(
+                conn.execute(
+                    sa.select(sync_runs.c.run_seq).where(sync_runs.c.id == run_id)
+                ).scalar_one()
+            )
+            self._run_seqs[run_id] = seq
+        return seq
+
+    def write_failures(
+        self, run_id: str, client_id: str, failures: Sequence[CampaignFailure]
+    ) -> None:
+        """Record failed campaigns with their reasons in one transaction.
+
+        An empty ``campaign_id`` (a payload without a usable id) is stored as NULL
+        and has no checkpoint item. A campaign already synced in this run stays
+        synced: a later failure report cannot undo a stored campaign.
+        """
+        step = self._failures_step(run_id, client_id, failures)
+        if step is not None:
+            self._db.transaction("write_failures", step, write=True)
+
+    def _failures_step(
+        self, run_id: str, client_id: str, failures: Sequence[CampaignFailure]
+    ) -> Callable[[Connection], None] | None:
+        if not failures:
+            return None
+        now = self._now()
+        with_id = list({f.campaign_id: f for f in failures if f.campaign_id}.values())
+        without_id = [f for f in failures if not f.campaign_id]
+        failure_rows = [
+            {
+                "run_id": run_id,
+                "client_id": client_id,
+                "campaign_id": f.campaign_id or None,
+                "kind": f.kind,
+                "reason": kept(f.reason),
+                "failed_at": now,
+            }
+            for f in [*with_id, *without_id]
+        ]
+        item_rows = [
+            {
+                "run_id": run_id,
+                "client_id": client_id,
+                "campaign_id": f.campaign_id,
+                "state": ITEM_FAILED,
+                "updated_at": now,
+            }
+            for f in with_id
+        ]
+        ins = self._db.insert(sync_failures)
+        upsert_failures = ins.on_conflict_do_update(
+            index_elements=[
+                sync_failures.c.run_id,
+                sync_failures.c.client_id,
+                sync_failures.c.campaign_id,
+            ],
+            set_={
+                "kind": ins.excluded.kind,
+                "reason": ins.excluded.reason,
+                "failed_at": ins.excluded.failed_at,
+            },
+        )
+        items = self._db.insert(run_items)
+        mark_failed = items.on_conflict_do_update(
+            index_elements=[run_items.c.run_id, run_items.c.campaign_id],
+            set_={"state": items.excluded.state, "updated_at": items.excluded.updated_at},
+            where=run_items.c.state != ITEM_SYNCED,
+        )
+
+        def write(conn: Connection) -> None:
+            conn.execute(upsert_failures, failure_rows)
+            if item_rows:
+                conn.execute(mark_failed, item_rows)
+
+        return write
+
+    # --- reading ------------------------------------------------------------------------
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        """The run with this id, or with this unique id prefix (``adsync runs show abc1``).
+
+        Raises :class:`AmbiguousRunId` when the prefix matches several runs.
+        """
+        ref = run_id.strip().lower()
+        if not ref:
+            return None
+
+        def read(conn: Connection) -> RunRecord | None:
+            exact = conn.execute(sa.select(sync_runs).where(sync_runs.c.id == ref)).first()
+            if exact is not None:
+                return _record(exact)
+            matches = conn.execute(
+                sa.select(sync_runs)
+                .where(sync_runs.c.id.startswith(ref, autoescape=True))
+                .order_by(sync_runs.c.started_at.desc())
+                .limit(2)
+            ).all()
+            if len(matches) > 1:
+                raise AmbiguousRunId(
+                    f"run id {run_id!r} matches several runs; give more characters"
+                )
+            return _record(matches[0]) if matches else None
+
+        return self._db.transaction("get_run", read)
+
+    def recent_runs(self, client_id: str | None = None, limit: int = 20) -> list[RunRecord]:
+        """Runs, newest first, of one client or of all."""
+        stmt = sa.select(sync_runs)
+        if client_id is not None:
+            stmt = stmt.where(sync_runs.c.client_id == client_id)
+        stmt = stmt.order_by(sync_runs.c.started_at.desc(), sync_runs.c.id.desc()).limit(limit)
+        return self._db.transaction(
+            "recent_runs", lambda conn: [_record(r) for r in conn.execute(stmt)]
+        )
+
+    def live_run(self, client_id: str) -> RunRecord | None:
+        """The client's ``running`` run while its lease holds, else None.
+
+        The lease is read against the database's clock on PostgreSQL (the host's on
+        SQLite), as for every process looking at the same row.
+        """
+
+        def read(conn: Connection) -> RunRecord | None:
+            stmt = sa.select(sync_runs).where(
+                sync_runs.c.client_id == client_id,
+                sync_runs.c.status == RunStatus.RUNNING.value,
+                sync_runs.c.lease_until >= self._db.now(conn),
+            )
+            row = conn.execute(stmt).first()
+            return None if row is None else _record(row)
+
+        return self._db.transaction("live_run", read)
+
+    def run_failures(self, run_id: str) -> list[CampaignFailure]:
+        """The run's failed campaigns with kind and reason, oldest first."""
+        stmt = (
+            sa.select(sync_failures.c.campaign_id, sync_failures.c.reason, sync_failures.c.kind)
+            .where(sync_failures.c.run_id == run_id)
+            .order_by(sync_failures.c.failed_at, sync_failures.c.id)
+        )
+        return self._db.transaction(
+            "run_failures",
+            lambda conn: [
+                CampaignFailure(campaign_id=r.campaign_id or "", reason=r.reason, kind=r.kind)
+                for r in conn.execute(stmt)
+            ],
+        )
+
+    def campaign_rows(self, client_id: str) -> list[dict[str, Any]]:
+        """The stored campaigns of a client, by id, as column → value dicts."""
+        stmt = (
+            sa.select(campaigns).where(campaigns.c.client_id == client_id).order_by(campaigns.c.id)
+        )
+        return self._db.transaction(
+            "campaign_rows", lambda conn: [dict(r._mapping) for r in conn.execute(stmt)]
+        )
+
+    def count_campaigns(self, client_id: str | None = None) -> int:
+        """How many campaigns are stored (for one client, or in all)."""
+        return self._count(campaigns, client_id)
+
+    def count_snapshots(self, client_id: str | None = None) -> int:
+        """How many history rows are stored (for one client, or in all)."""
+        return self._count(campaign_snapshots, client_id)
+
+    def _count(self, table: sa.Table, client_id: str | None) -> int:
+        stmt = sa.select(sa.func.count()).select_from(table)
+        if client_id is not None:
+            stmt = stmt.where(table.c.client_id == client_id)
+        return self._db.transaction("count", lambda conn: int(conn.execute(stmt).scalar_one()))
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def _read_run(self, conn: Connection, run_id: str, *, resumed: bool) -> RunRecord:
+        row = conn.execute(sa.select(sync_runs).where(sync_runs.c.id == run_id)).one()
+        return _record(row, resumed=resumed)
+
+
+def _counter_values(counters: RunCounters) -> dict[str, int]:
+    return {
+        "seen": counters.seen,
+        "synced": counters.synced,
+        "failed": counters.failed,
+        "requests": counters.requests,
+        "retries": counters.retries,
+        "rate_limited": counters.rate_limited,
+        "pages": counters.pages,
+    }
+
+
+def _record(row: Row[Any], *, resumed: bool = False) -> RunRecord:
+    return RunRecord(
+        id=row.id,
+        client_id=row.client_id,
+        status=RunStatus(row.status),
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        heartbeat_at=row.heartbeat_at,
+        lease_until=row.lease_until,
+        owner=row.owner,
+        resumes=row.resumes,
+        seen=row.seen,
+        synced=row.synced,
+        failed=row.failed,
+        requests=row.requests,
+        retries=row.retries,
+        rate_limited=row.rate_limited,
+        pages=row.pages,
+        listing_complete=bool(row.listing_complete),
+        resumable=bool(row.resumable),
+        error=row.error,
+        resumed=resumed,
+        run_seq=row.run_seq,
+        active_seconds=row.active_seconds,
+    )
+
+
+def _conforms(store: SqlStore) -> Store:
+    # Lets mypy prove that SqlStore satisfies the Store protocol.
+    return store
