@@ -35,7 +35,7 @@ from adsync.observability import REDACTOR
 from adsync.owner import make_owner
 from adsync.ratelimit import Margin, RateBudget, SendLogBatcher
 from adsync.retry import RetryPolicy
-from adsync.store import SqlStore
+from adsync.store import Store
 from adsync.sync import PipelineOptions, RunProgress, RunWriter, SyncJob, SyncOutcome
 
 
@@ -143,7 +143,7 @@ def pipeline_options(settings: Settings, *, accounts: int = 1) -> PipelineOption
 
 async def sync_account(
     settings: Settings,
-    store: SqlStore,
+    store: Store,
     *,
     clock: Clock | None = None,
     stop: asyncio.Event | None = None,
@@ -245,7 +245,7 @@ def combined_exit_code(results: list[AccountResult]) -> int:
 
 async def sync_many(
     settings_list: list[Settings],
-    store: SqlStore,
+    store: Store,
     *,
     clock: Clock | None = None,
     stop: asyncio.Event | None = None,

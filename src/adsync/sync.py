@@ -44,7 +44,7 @@ from adsync.owner import local_owner_is_dead
 from adsync.pagination import Accepted, Listing
 
 if TYPE_CHECKING:
-    from adsync.store import SqlStore
+    from adsync.store import Store
 
 log = structlog.get_logger("adsync.sync")
 
@@ -61,7 +61,7 @@ class RunWriter:
     that only the run whose part fails gets the error.
     """
 
-    def __init__(self, store: SqlStore) -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
         self._pending: list[tuple[RunWrite, asyncio.Future[None]]] = []
         self._busy = False
@@ -179,7 +179,7 @@ class SyncJob:
     def __init__(
         self,
         client: PlatformClient,
-        store: SqlStore,
+        store: Store,
         *,
         client_id: str,
         owner: str,
