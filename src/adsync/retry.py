@@ -1,7 +1,8 @@
-"""Which failures are worth retrying, and how long to wait before the next try.
+"""Which platform failures are worth retrying, and how long to wait before the next try.
 
-The decisions are pure functions; :func:`retrying` wires them into tenacity so
-that every wait goes through the injected clock.
+:func:`full_jitter_backoff` is adsync's one backoff: the platform client's, the
+store's and the worker's. The decisions are pure functions; :func:`retrying`
+wires them into tenacity so that every wait goes through the injected clock.
 """
 
 from __future__ import annotations
@@ -60,8 +61,12 @@ def full_jitter_backoff(
     return rng.uniform(0.0, ceiling)
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` is worth another try."""
+def is_retryable_platform_error(exc: BaseException) -> bool:
+    """Whether a failed platform request is worth another try (5xx, timeout, 429, ...).
+
+    The platform's kind of transient; the database's is
+    :func:`adsync.store.faults.is_transient_db_error`.
+    """
     return isinstance(exc, TransientError)
 
 
@@ -151,7 +156,7 @@ def retrying(
     return tenacity.AsyncRetrying(
         stop=stop,
         wait=wait,
-        retry=tenacity.retry_if_exception(is_transient),
+        retry=tenacity.retry_if_exception(is_retryable_platform_error),
         after=after,
         sleep=sleep or clock.sleep,
         before_sleep=before_sleep,

@@ -16,6 +16,7 @@ from adsync.retry import (
     RetryPolicy,
     RetryStats,
     full_jitter_backoff,
+    is_retryable_platform_error,
     next_wait,
     parse_retry_after,
     retrying,
@@ -43,6 +44,19 @@ NOW = 1_800_000_000.0
 )
 def test_parse_retry_after(header: str | None, expected: float | None) -> None:
     assert parse_retry_after(header, NOW) == expected
+
+
+@pytest.mark.parametrize(
+    ("error", "retryable"),
+    [
+        (TransientError("HTTP 503"), True),
+        (RateLimited("HTTP 429"), True),
+        (PermanentError("HTTP 403"), False),
+        (ValueError("a bug"), False),
+    ],
+)
+def test_which_platform_errors_are_retried(error: Exception, retryable: bool) -> None:
+    assert is_retryable_platform_error(error) is retryable
 
 
 @given(st.text(max_size=40))
