@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -44,6 +45,13 @@ HOSTILE_NAMES = [
     "tab\tnew\nline",
     "",
 ]
+
+
+class Ceiling(random.Random):
+    """Draws the top of every range: each retry waits its backoff's ceiling, exactly."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
 
 
 def campaign(cid: str, **changes: Any) -> Campaign:
@@ -757,7 +765,9 @@ def test_a_failed_write_is_retried_whole(database_url: str, store: SqlStore) -> 
     run = start(store)
     store.record_listed(run.id, "acme", ["c1", "c2"])
     sleeps: list[float] = []
-    flaky_store = SqlStore.from_url(database_url, sleep=sleeps.append, retry_wait=0.25)
+    flaky_store = SqlStore.from_url(
+        database_url, sleep=sleeps.append, retry_wait=0.25, rng=Ceiling()
+    )
     try:
         # Fails after the campaigns upsert, inside the same transaction.
         calls = _fail_statements(flaky_store, "campaign_snapshots", times=2)
@@ -874,7 +884,10 @@ def test_an_unreachable_server_fails_cleanly_without_the_password() -> None:
     sleeps: list[float] = []
     # Port 1 on loopback refuses at once: the server is "down".
     down = SqlStore.from_url(
-        "postgresql://adsync:s3cr3t-pw@127.0.0.1:1/adsync", retry_attempts=3, sleep=sleeps.append
+        "postgresql://adsync:s3cr3t-pw@127.0.0.1:1/adsync",
+        retry_attempts=3,
+        sleep=sleeps.append,
+        rng=Ceiling(),
     )
     try:
         with pytest.raises(StoreError) as info:

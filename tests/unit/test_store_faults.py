@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta, timezone
@@ -21,6 +22,13 @@ from adsync.models import Checkpoint, RunCounters, RunRecord, RunStatus
 from adsync.store import SqlStore, UTCDateTime, is_transient_db_error
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+class Ceiling(random.Random):
+    """Draws the top of every range: each retry waits its backoff's ceiling, exactly."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
 
 
 def _wrapped(orig: Exception, cls: type[sa.exc.DBAPIError] = sa.exc.OperationalError) -> Any:
@@ -110,7 +118,7 @@ def test_invalidated_connection_is_transient() -> None:
 
 def test_connect_failures_are_retried_with_backoff(tmp_path: Path) -> None:
     sleeps: list[float] = []
-    store = SqlStore.from_url(f"sqlite:///{tmp_path / 'a.db'}", sleep=sleeps.append)
+    store = SqlStore.from_url(f"sqlite:///{tmp_path / 'a.db'}", sleep=sleeps.append, rng=Ceiling())
     failures = [2]
 
     @event.listens_for(store.engine, "do_connect")
@@ -136,6 +144,7 @@ def test_backoff_is_capped_and_attempts_bounded(tmp_path: Path) -> None:
         retry_attempts=6,
         retry_wait=1.0,
         retry_wait_max=5.0,
+        rng=Ceiling(),
     )
 
     @event.listens_for(store.engine, "do_connect")
@@ -149,6 +158,59 @@ def test_backoff_is_capped_and_attempts_bounded(tmp_path: Path) -> None:
         store.dispose()
     assert sleeps == [1.0, 2.0, 4.0, 5.0, 5.0]
     assert isinstance(info.value.__cause__, sa.exc.OperationalError)
+
+
+def test_retry_waits_are_jittered_under_the_backoff(tmp_path: Path) -> None:
+    # Processes that lost the database together must not all come back together.
+    sleeps: list[float] = []
+    store = SqlStore.from_url(
+        f"sqlite:///{tmp_path / 'a.db'}",
+        sleep=sleeps.append,
+        retry_attempts=6,
+        retry_wait=1.0,
+        retry_wait_max=5.0,
+    )
+
+    @event.listens_for(store.engine, "do_connect")
+    def down(*_args: Any) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    try:
+        with pytest.raises(StoreError, match="database unavailable after 6 attempts"):
+            store.count_snapshots()
+    finally:
+        store.dispose()
+    ceilings = [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert len(sleeps) == len(ceilings)
+    assert all(0.0 <= s <= c for s, c in zip(sleeps, ceilings, strict=True))
+    assert sleeps != ceilings
+
+
+def test_retries_can_last_for_a_time_whatever_the_draws(tmp_path: Path) -> None:
+    # retry_for: at least that long of waiting, past retry_attempts if need be.
+    sleeps: list[float] = []
+    store = SqlStore.from_url(
+        f"sqlite:///{tmp_path / 'a.db'}",
+        sleep=sleeps.append,
+        retry_attempts=2,
+        retry_wait=1.0,
+        retry_wait_max=5.0,
+        retry_for=60.0,
+        rng=random.Random(3),
+    )
+
+    @event.listens_for(store.engine, "do_connect")
+    def down(*_args: Any) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    try:
+        with pytest.raises(StoreError) as info:
+            store.count_snapshots()
+    finally:
+        store.dispose()
+    assert sum(sleeps[:-1]) < 60.0 <= sum(sleeps)
+    assert all(s <= 5.0 for s in sleeps)
+    assert str(info.value).startswith(f"database unavailable after {len(sleeps) + 1} attempts")
 
 
 def test_password_never_appears_even_if_the_driver_echoes_it() -> None:

@@ -16,6 +16,7 @@ transaction that acts on it, never the calling process's.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -84,9 +85,12 @@ def engine_for(database_url: str, *, read_only: bool = False) -> Engine:
 class Database:
     """An engine with adsync's transactions over it: retried, translated, and clocked.
 
-    Thread-safe. ``now`` stands in for the database's clock (tests); ``read_only``
-    makes every SQLite connection ``query_only`` and every PostgreSQL transaction
-    ``READ ONLY``.
+    Thread-safe. A transaction that fails transiently is tried again, up to
+    ``retry_attempts`` times (and, with ``retry_for``, for at least that many
+    seconds of waiting), after waits of full jitter under a backoff doubling from
+    ``retry_wait`` to ``retry_wait_max`` (``rng`` draws them). ``now`` stands in
+    for the database's clock (tests); ``read_only`` makes every SQLite connection
+    ``query_only`` and every PostgreSQL transaction ``READ ONLY``.
     """
 
     def __init__(
@@ -96,7 +100,9 @@ class Database:
         retry_attempts: int = 5,
         retry_wait: float = 0.5,
         retry_wait_max: float = 10.0,
+        retry_for: float = 0.0,
         sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
         now: Callable[[], datetime] | None = None,
         read_only: bool = False,
     ) -> None:
@@ -110,7 +116,10 @@ class Database:
         self.attempts = max(1, retry_attempts)
         self._wait = retry_wait
         self._wait_max = retry_wait_max
+        self._retry_for = retry_for
         self._sleep = sleep
+        # Threads share it: each draw is one call into C, whole under the GIL.
+        self._rng = rng or random.Random()
         self._clock = now
         if self.sqlite:
             _prepare_sqlite(engine, read_only=read_only)
@@ -174,12 +183,16 @@ class Database:
                 with conn.begin():
                     return fn(conn)
 
+        tries = 1
+
         def log_retry(tried: int, exc: BaseException, _wait: float) -> None:
+            nonlocal tries
+            tries = tried + 1
             log.warning(
                 "database call %s failed (attempt %d of %d), retrying: %s",
                 op,
                 tried,
-                self.attempts,
+                max(self.attempts, tries),
                 self.describe(exc),
             )
 
@@ -189,8 +202,10 @@ class Database:
                 attempts=self.attempts,
                 wait=self._wait,
                 wait_max=self._wait_max,
+                rng=self._rng,
                 sleep=self._sleep,
                 on_retry=log_retry,
+                at_least=self._retry_for,
             )
         except AdsyncError:
             raise
@@ -201,8 +216,7 @@ class Database:
                     " (busy: another process holds a lock on it; try again)" if is_busy(exc) else ""
                 )
                 raise StoreUnavailable(
-                    f"database unavailable after {self.attempts} "
-                    f"attempt{'s' if self.attempts != 1 else ''} "
+                    f"database unavailable after {tries} attempt{'s' if tries != 1 else ''} "
                     f"({self.where}): {self.describe(exc)}{busy}"
                 ) from exc
             raise StoreError(

@@ -1,11 +1,15 @@
 """Database failures: which ones a retry can fix, how they are told, and the retry loop.
 
 "Transient" here means the database's kind (server restarting, connection lost,
-SQLite busy, resources running out), not the platform's (:mod:`adsync.retry`).
+SQLite busy, resources running out), not the platform's
+(:func:`adsync.retry.is_retryable_platform_error`). The waits between attempts
+are the one backoff of adsync (:func:`adsync.retry.full_jitter_backoff`): many
+processes that lost the database together do not all come back together.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Final, TypeVar
 
@@ -13,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from adsync.retry import full_jitter_backoff
 from adsync.store.urls import scrub
 
 __all__ = [
@@ -98,23 +103,26 @@ def retry_transient_db_errors(
     attempts: int,
     wait: float,
     wait_max: float,
+    rng: random.Random,
     sleep: Callable[[float], None],
     on_retry: Callable[[int, BaseException, float], None],
+    at_least: float = 0.0,
 ) -> T:
     """Call ``attempt`` again after each transient failure; re-raise any other, or the last.
 
-    Tries at most ``attempts`` times. The wait before try ``n + 1`` is
-    ``min(wait_max, wait * 2**(n-1))``. ``on_retry(n, error, wait)`` hears of each
-    failed try ``n`` that is tried again.
+    Tries at most ``attempts`` times, or for as long as the waits add up to less
+    than ``at_least`` seconds if that is more. The wait before try ``n + 1`` is
+    uniform in ``[0, min(wait_max, wait * 2**(n-1))]``. ``on_retry(n, error,
+    wait)`` hears of each failed try ``n`` that is tried again.
     """
-    tried = 1
+    tried, waited = 1, 0.0
     while True:
         try:
             return attempt()
         except Exception as exc:
-            if not is_transient_db_error(exc) or tried >= attempts:
+            if not is_transient_db_error(exc) or (tried >= attempts and waited >= at_least):
                 raise
-            pause = min(wait_max, wait * 2 ** (tried - 1))
+            pause = full_jitter_backoff(tried, initial=wait, maximum=wait_max, rng=rng)
             on_retry(tried, exc, pause)
             sleep(pause)
-            tried += 1
+            tried, waited = tried + 1, waited + pause

@@ -20,6 +20,7 @@ disagree still agree on who holds a run.
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -94,17 +95,22 @@ class SqlStore:
         retry_attempts: int = 5,
         retry_wait: float = 0.5,
         retry_wait_max: float = 10.0,
+        retry_for: float = 0.0,
         sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
         now: Callable[[], datetime] | None = None,
         read_only: bool = False,
     ) -> None:
-        """``now`` stands in for the database's clock (tests); see :meth:`Database.now`."""
+        """The retries, ``sleep``, ``rng`` and ``now`` (the database's clock) are the
+        :class:`~adsync.store.database.Database`'s."""
         self._db = Database(
             engine,
             retry_attempts=retry_attempts,
             retry_wait=retry_wait,
             retry_wait_max=retry_wait_max,
+            retry_for=retry_for,
             sleep=sleep,
+            rng=rng,
             now=now,
             read_only=read_only,
         )
