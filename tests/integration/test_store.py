@@ -801,6 +801,42 @@ def test_a_write_that_keeps_failing_leaves_nothing_half_written(
     assert store.checkpoint(run.id).pending == {"c1", "c2"}
 
 
+def test_every_stamp_is_the_databases_time_in_the_transaction_that_writes(
+    database_url: str, store: SqlStore
+) -> None:
+    # One clock, the database's, read where the write happens: a write retried
+    # after a wait is stamped when it is made, not when it was asked for.
+    run = start(store)
+
+    def wait(_seconds: float) -> None:
+        DB_CLOCK.at += timedelta(seconds=10)
+
+    flaky = SqlStore.from_url(database_url, sleep=wait, now=DB_CLOCK)
+    try:
+        _fail_statements(flaky, "run_items", times=1)
+        flaky.record_listed(run.id, "acme", ["c1", "c2"])
+        listed_at = DB_CLOCK.at
+        _fail_statements(flaky, "sync_failures", times=1)
+        flaky.write_failures(run.id, "acme", [CampaignFailure("c1", "HTTP 500", "sync")])
+        failed_at = DB_CLOCK.at
+        _fail_statements(flaky, "campaign_snapshots", times=1)
+        flaky.write_synced(run.id, "acme", [synced("c2")])
+        synced_at = DB_CLOCK.at
+    finally:
+        flaky.dispose()
+    assert (listed_at, failed_at, synced_at) == (
+        T0 + timedelta(seconds=10),
+        T0 + timedelta(seconds=20),
+        T0 + timedelta(seconds=30),
+    )
+    items, failures = metadata.tables["run_items"], metadata.tables["sync_failures"]
+    with store.engine.connect() as conn:
+        stamps = dict(conn.execute(sa.select(items.c.campaign_id, items.c.updated_at)).all())
+        [failure_stamp] = conn.execute(sa.select(failures.c.failed_at)).scalars().all()
+    assert stamps == {"c1": failed_at, "c2": synced_at}
+    assert failure_stamp == failed_at
+
+
 def test_a_non_transient_error_is_not_retried(fresh_database_url: str) -> None:
     sleeps: list[float] = []
     unmigrated = SqlStore.from_url(fresh_database_url, sleep=sleeps.append)

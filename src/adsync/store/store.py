@@ -11,20 +11,22 @@ string and ``lease_until`` and keeps renewing it (:meth:`SqlStore.heartbeat`). A
 by the next claimer; a partial unique index guarantees, in the database itself, at
 most one ``running`` run per client.
 
-Leases go by the database's clock, read inside the transaction that decides
-(``clock_timestamp()`` on PostgreSQL; on SQLite the clock of the one host that
-can open the file), never by the calling process's clock: hosts whose clocks
-disagree still agree on who holds a run.
+Leases, and every stamp the store writes, go by one clock, the database's
+(:meth:`~adsync.store.database.Database.now`), read inside the transaction that
+decides or writes (``clock_timestamp()`` on PostgreSQL; on SQLite the clock of
+the one host that can open the file), never by the calling process's clock:
+hosts whose clocks disagree still agree on who holds a run.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 import sqlalchemy as sa
@@ -116,8 +118,6 @@ class SqlStore:
         )
         self.engine = engine
         self.read_only = read_only
-        # Stamps that only record when something happened (not decisions).
-        self._now = now or (lambda: datetime.now(UTC))
         self._send_log: SqlSendLog | None = None
         # run id -> run_seq; a run's number never changes, so it is looked up once.
         self._run_seqs: dict[str, int] = {}
@@ -414,16 +414,6 @@ class SqlStore:
 
         return self._db.transaction("heartbeat", beat, write=True)
 
-    def save_counters(self, run_id: str, counters: RunCounters) -> None:
-        """Record the run's counters (absolute values, not increments)."""
-        self._db.transaction("save_counters", self._counters_step(run_id, counters), write=True)
-
-    def _counters_step(self, run_id: str, counters: RunCounters) -> Callable[[Connection], object]:
-        statement = (
-            sa.update(sync_runs).where(sync_runs.c.id == run_id).values(**_counter_values(counters))
-        )
-        return lambda conn: conn.execute(statement)
-
     def finish_run(
         self,
         run_id: str,
@@ -484,27 +474,15 @@ class SqlStore:
 
         Except ``unlisted`` ones: listed again, they are pending again.
         """
-        ids = unique_ids(campaign_ids)
-        if not ids:
+        rows = _item_rows(run_id, client_id, unique_ids(campaign_ids), ITEM_PENDING)
+        if not rows:
             return
-        now = self._now()
-        rows = [
-            {
-                "run_id": run_id,
-                "client_id": client_id,
-                "campaign_id": cid,
-                "state": ITEM_PENDING,
-                "updated_at": now,
-            }
-            for cid in ids
-        ]
-        ins = self._db.insert(run_items)
-        stmt = ins.on_conflict_do_update(
-            index_elements=[run_items.c.run_id, run_items.c.campaign_id],
-            set_={"state": ins.excluded.state, "updated_at": ins.excluded.updated_at},
-            where=run_items.c.state == ITEM_UNLISTED,
-        )
-        self._db.transaction("record_listed", lambda conn: conn.execute(stmt, rows), write=True)
+        stmt = self._mark_items(where=run_items.c.state == ITEM_UNLISTED)
+
+        def record(conn: Connection) -> None:
+            conn.execute(stmt, _stamped(rows, "updated_at", self._db.now(conn)))
+
+        self._db.transaction("record_listed", record, write=True)
 
     def mark_listing_complete(self, run_id: str, unlisted: Iterable[str] = ()) -> None:
         """Record that every page of the listing has been seen.
@@ -514,7 +492,6 @@ class SqlStore:
         their items become ``unlisted`` and their failures in the run are dropped.
         """
         keys = [{"b_run_id": run_id, "b_campaign_id": cid} for cid in unique_ids(unlisted)]
-        now = self._now()
 
         def complete(conn: Connection) -> None:
             conn.execute(
@@ -528,7 +505,7 @@ class SqlStore:
                     run_items.c.run_id == sa.bindparam("b_run_id"),
                     run_items.c.campaign_id == sa.bindparam("b_campaign_id"),
                 )
-                .values(state=ITEM_UNLISTED, updated_at=now),
+                .values(state=ITEM_UNLISTED, updated_at=self._db.now(conn)),
                 keys,
             )
             conn.execute(
@@ -566,6 +543,16 @@ class SqlStore:
 
     # --- campaigns ----------------------------------------------------------------------
 
+    def write_runs(self, writes: Sequence[RunWrite]) -> None:
+        """What the writers of several runs have ready, in one transaction.
+
+        Group commit: a process syncing many accounts pays one transaction per
+        round instead of several per account. For each run, in this order: its
+        failures (:meth:`write_failures`), its synced campaigns
+        (:meth:`write_synced`) and its counters (:meth:`save_counters`).
+        """
+        self._write("write_runs", writes)
+
     def write_synced(self, run_id: str, client_id: str, batch: Sequence[SyncedCampaign]) -> None:
         """Store a batch of synced campaigns in one transaction.
 
@@ -575,23 +562,30 @@ class SqlStore:
         per run (a resumed run's repeat is ignored), marks the items synced and
         drops their earlier failure records in this run.
         """
-        step = self._synced_step(run_id, client_id, batch)
-        if step is not None:
-            self._db.transaction("write_synced", step, write=True)
+        self._write("write_synced", [RunWrite(run_id, client_id, synced=tuple(batch))])
 
-    def write_runs(self, writes: Sequence[RunWrite]) -> None:
-        """What the writers of several runs have ready, in one transaction.
+    def write_failures(
+        self, run_id: str, client_id: str, failures: Sequence[CampaignFailure]
+    ) -> None:
+        """Record failed campaigns with their reasons in one transaction.
 
-        Group commit: a process syncing many accounts pays one transaction per
-        round instead of several per account. Each part is what
-        :meth:`write_failures`, :meth:`write_synced` and :meth:`save_counters` do.
+        An empty ``campaign_id`` (a payload without a usable id) is stored as NULL
+        and has no checkpoint item. A campaign already synced in this run stays
+        synced: a later failure report cannot undo a stored campaign.
         """
-        steps: list[Callable[[Connection], object]] = []
+        self._write("write_failures", [RunWrite(run_id, client_id, failures=tuple(failures))])
+
+    def save_counters(self, run_id: str, counters: RunCounters) -> None:
+        """Record the run's counters (absolute values, not increments)."""
+        self._write("save_counters", [RunWrite(run_id, "", counters=counters)])
+
+    def _write(self, op: str, writes: Sequence[RunWrite]) -> None:
+        steps: list[_Step] = []
         for w in writes:
             for step in (
                 self._failures_step(w.run_id, w.client_id, w.failures),
                 self._synced_step(w.run_id, w.client_id, w.synced),
-                None if w.counters is None else self._counters_step(w.run_id, w.counters),
+                None if w.counters is None else _counters_step(w.run_id, w.counters),
             ):
                 if step is not None:
                     steps.append(step)
@@ -599,19 +593,20 @@ class SqlStore:
             return
 
         def write(conn: Connection) -> None:
+            # Read once, and only if some step stamps a row.
+            now = functools.cache(functools.partial(self._db.now, conn))
             for step in steps:
-                step(conn)
+                step(conn, now)
 
-        self._db.transaction("write_runs", write, write=True)
+        self._db.transaction(op, write, write=True)
 
     def _synced_step(
         self, run_id: str, client_id: str, batch: Sequence[SyncedCampaign]
-    ) -> Callable[[Connection], None] | None:
+    ) -> _Step | None:
         # ON CONFLICT cannot touch one row twice in a statement: last one wins.
         latest = list({s.campaign.id: s for s in batch}.values())
         if not latest:
             return None
-        now = self._now()
         campaign_rows = [
             {
                 "client_id": client_id,
@@ -643,24 +638,17 @@ class SqlStore:
             }
             for s in latest
         ]
-        item_rows = [
-            {
-                "run_id": run_id,
-                "client_id": client_id,
-                "campaign_id": s.campaign.id,
-                "state": ITEM_SYNCED,
-                "updated_at": now,
-            }
-            for s in latest
-        ]
+        item_rows = _item_rows(run_id, client_id, [s.campaign.id for s in latest], ITEM_SYNCED)
 
         upsert = self._db.insert(campaigns)
-        kept = ("client_id", "id", "first_synced_at")
+        kept_columns = ("client_id", "id", "first_synced_at")
         # adsync's own order of runs decides, not the platform's clock (it may jump
         # to 2099 once, or run minutes behind). Within one run the later write wins.
         upsert_campaigns = upsert.on_conflict_do_update(
             index_elements=[campaigns.c.client_id, campaigns.c.id],
-            set_={c.name: upsert.excluded[c.name] for c in campaigns.c if c.name not in kept},
+            set_={
+                c.name: upsert.excluded[c.name] for c in campaigns.c if c.name not in kept_columns
+            },
             where=campaigns.c.last_run_seq <= upsert.excluded.last_run_seq,
         )
         insert_snapshots = self._db.insert(campaign_snapshots).on_conflict_do_nothing(
@@ -670,11 +658,7 @@ class SqlStore:
                 campaign_snapshots.c.campaign_id,
             ]
         )
-        items = self._db.insert(run_items)
-        mark_synced = items.on_conflict_do_update(
-            index_elements=[run_items.c.run_id, run_items.c.campaign_id],
-            set_={"state": items.excluded.state, "updated_at": items.excluded.updated_at},
-        )
+        mark_synced = self._mark_items()
         forget_failures = sa.delete(sync_failures).where(
             sync_failures.c.run_id == sa.bindparam("b_run_id"),
             sync_failures.c.client_id == sa.bindparam("b_client_id"),
@@ -685,11 +669,11 @@ class SqlStore:
             for s in latest
         ]
 
-        def write(conn: Connection) -> None:
+        def write(conn: Connection, now: Callable[[], datetime]) -> None:
             seq = self._run_seq(conn, run_id)
-            conn.execute(upsert_campaigns, [{**r, "last_run_seq": seq} for r in campaign_rows])
+            conn.execute(upsert_campaigns, _stamped(campaign_rows, "last_run_seq", seq))
             conn.execute(insert_snapshots, snapshot_rows)
-            conn.execute(mark_synced, item_rows)
+            conn.execute(mark_synced, _stamped(item_rows, "updated_at", now()))
             conn.execute(forget_failures, failure_keys)
 
         return write
@@ -705,25 +689,11 @@ class SqlStore:
             self._run_seqs[run_id] = seq
         return seq
 
-    def write_failures(
-        self, run_id: str, client_id: str, failures: Sequence[CampaignFailure]
-    ) -> None:
-        """Record failed campaigns with their reasons in one transaction.
-
-        An empty ``campaign_id`` (a payload without a usable id) is stored as NULL
-        and has no checkpoint item. A campaign already synced in this run stays
-        synced: a later failure report cannot undo a stored campaign.
-        """
-        step = self._failures_step(run_id, client_id, failures)
-        if step is not None:
-            self._db.transaction("write_failures", step, write=True)
-
     def _failures_step(
         self, run_id: str, client_id: str, failures: Sequence[CampaignFailure]
-    ) -> Callable[[Connection], None] | None:
+    ) -> _Step | None:
         if not failures:
             return None
-        now = self._now()
         with_id = list({f.campaign_id: f for f in failures if f.campaign_id}.values())
         without_id = [f for f in failures if not f.campaign_id]
         failure_rows = [
@@ -733,20 +703,10 @@ class SqlStore:
                 "campaign_id": f.campaign_id or None,
                 "kind": f.kind,
                 "reason": kept(f.reason),
-                "failed_at": now,
             }
             for f in [*with_id, *without_id]
         ]
-        item_rows = [
-            {
-                "run_id": run_id,
-                "client_id": client_id,
-                "campaign_id": f.campaign_id,
-                "state": ITEM_FAILED,
-                "updated_at": now,
-            }
-            for f in with_id
-        ]
+        item_rows = _item_rows(run_id, client_id, [f.campaign_id for f in with_id], ITEM_FAILED)
         ins = self._db.insert(sync_failures)
         upsert_failures = ins.on_conflict_do_update(
             index_elements=[
@@ -760,19 +720,23 @@ class SqlStore:
                 "failed_at": ins.excluded.failed_at,
             },
         )
-        items = self._db.insert(run_items)
-        mark_failed = items.on_conflict_do_update(
-            index_elements=[run_items.c.run_id, run_items.c.campaign_id],
-            set_={"state": items.excluded.state, "updated_at": items.excluded.updated_at},
-            where=run_items.c.state != ITEM_SYNCED,
-        )
+        mark_failed = self._mark_items(where=run_items.c.state != ITEM_SYNCED)
 
-        def write(conn: Connection) -> None:
-            conn.execute(upsert_failures, failure_rows)
+        def write(conn: Connection, now: Callable[[], datetime]) -> None:
+            conn.execute(upsert_failures, _stamped(failure_rows, "failed_at", now()))
             if item_rows:
-                conn.execute(mark_failed, item_rows)
+                conn.execute(mark_failed, _stamped(item_rows, "updated_at", now()))
 
         return write
+
+    def _mark_items(self, where: sa.ColumnElement[bool] | None = None) -> Any:
+        """Insert run items, or set the state of those already there (``where`` they qualify)."""
+        items = self._db.insert(run_items)
+        return items.on_conflict_do_update(
+            index_elements=[run_items.c.run_id, run_items.c.campaign_id],
+            set_={"state": items.excluded.state, "updated_at": items.excluded.updated_at},
+            where=where,
+        )
 
     # --- reading ------------------------------------------------------------------------
 
@@ -874,6 +838,30 @@ class SqlStore:
     def _read_run(self, conn: Connection, run_id: str, *, resumed: bool) -> RunRecord:
         row = conn.execute(sa.select(sync_runs).where(sync_runs.c.id == run_id)).one()
         return _record(row, resumed=resumed)
+
+
+# One part of a write transaction: given the connection and the database's time
+# (read on first call), it executes its statements.
+_Step = Callable[[Connection, Callable[[], datetime]], object]
+
+
+def _counters_step(run_id: str, counters: RunCounters) -> _Step:
+    statement = (
+        sa.update(sync_runs).where(sync_runs.c.id == run_id).values(**_counter_values(counters))
+    )
+    return lambda conn, _now: conn.execute(statement)
+
+
+def _item_rows(run_id: str, client_id: str, ids: Sequence[str], state: str) -> list[dict[str, Any]]:
+    return [
+        {"run_id": run_id, "client_id": client_id, "campaign_id": cid, "state": state}
+        for cid in ids
+    ]
+
+
+def _stamped(rows: list[dict[str, Any]], column: str, value: object) -> list[dict[str, Any]]:
+    """``rows`` with ``column`` set to ``value``, known only inside the transaction."""
+    return [{**row, column: value} for row in rows]
 
 
 def _counter_values(counters: RunCounters) -> dict[str, int]:
