@@ -1,8 +1,10 @@
 """The rate budget shared across processes, in SQLite and PostgreSQL.
 
-The log's rules on a controlled clock (standing in for the database's), threads
-racing for the last slot on the real one, and two real processes sending for one
-client id at once against the simulator, with and without a skewed clock.
+The table kept a few windows deep on a controlled clock (standing in for the
+database's), threads racing for the last slot on the real one, and two real
+processes sending for one client id at once against the simulator, with and
+without a skewed clock. The log's rules, which every store's log keeps, are
+tested on each in tests/contract.
 """
 
 from __future__ import annotations
@@ -59,55 +61,6 @@ def in_any_window(stamps: list[float], span: float) -> int:
 
 
 # --- the log's rules -----------------------------------------------------------------
-
-
-def test_reserve_counts_every_owner_against_limit_and_spacing(store: SqlStore) -> None:
-    log = store.send_log()
-
-    def reserve(owner: str, t: float, client_id: str = "acme") -> Any:
-        return reserve_at(log, t, client_id, owner, span=SPAN, limit=3, spacing=0.5)
-
-    first = reserve("a", T0)
-    assert (first.ok, first.at, first.foreign) == (True, T0, ())
-    # Too close to a's send: refused, with the moment it would be taken.
-    close = reserve("b", T0 + 0.2)
-    assert (close.ok, close.retry_at, close.foreign) == (False, T0 + 0.5, (T0,))
-    assert reserve("b", T0 + 0.5).ok
-    third = reserve("a", T0 + 1.0)
-    assert (third.ok, third.foreign) == (True, (T0 + 0.5,))
-    # Three sends of two owners fill the window until the oldest leaves it.
-    full = reserve("b", T0 + 2.0)
-    assert (full.ok, full.retry_at) == (False, T0 + SPAN)
-    assert full.foreign == (T0, T0 + 1.0)
-    # Another client id has a window of its own.
-    assert reserve("b", T0 + 2.0, client_id="other").ok
-    # A refused send given back frees its slot (the stamp matches to the microsecond).
-    log.forget("acme", "a", T0)
-    assert reserve("b", T0 + 2.0).ok
-    assert log.sends("acme") == [(T0 + 0.5, "b"), (T0 + 1.0, "a"), (T0 + 2.0, "b")]
-
-
-def test_forget_touches_only_the_owners_own_send(store: SqlStore) -> None:
-    log = store.send_log()
-    assert reserve_at(log, T0, "acme", "a", span=SPAN, limit=5, spacing=0.0).ok
-    assert reserve_at(log, T0 + 1, "acme", "b", span=SPAN, limit=5, spacing=0.0).ok
-    log.forget("acme", "b", T0)  # not b's send
-    log.forget("acme", "a", T0 + 1)  # not a's send
-    assert len(log.sends("acme")) == 2
-    log.forget("acme", "b", T0 + 1)
-    assert log.sends("acme") == [(T0, "a")]
-
-
-def test_restamp_moves_only_the_owners_own_send(store: SqlStore) -> None:
-    log = store.send_log()
-    assert reserve_at(log, T0, "acme", "a", span=SPAN, limit=5, spacing=0.0).ok
-    log.restamp("acme", "b", T0, T0 + 0.25)  # not b's send
-    assert log.sends("acme") == [(T0, "a")]
-    log.restamp("acme", "a", T0, T0 + 0.25)
-    assert log.sends("acme") == [(T0 + 0.25, "a")]
-    # Others now count it from when it left.
-    late = reserve_at(log, T0 + SPAN + 0.1, "acme", "b", span=SPAN, limit=1, spacing=0.0)
-    assert (late.ok, late.retry_at) == (False, T0 + 0.25 + SPAN)
 
 
 def test_old_sends_are_swept_and_others_kept(store: SqlStore) -> None:

@@ -4,6 +4,7 @@ One noun per module:
 
 - :mod:`~adsync.store.protocol`: :class:`Store`, what the rest of adsync calls;
 - :mod:`~adsync.store.store`: :class:`SqlStore`, SQLite and PostgreSQL;
+- :mod:`~adsync.store.memory`: :class:`InMemoryStore`, the same promises in memory;
 - :mod:`~adsync.store.sendlog`: :class:`SqlSendLog`, the shared rate log's table;
 - :mod:`~adsync.store.schema`: the tables, as the migrations leave them;
 - :mod:`~adsync.store.database`: the engine, its retried transactions and its clock;
@@ -12,8 +13,8 @@ One noun per module:
 - :mod:`~adsync.store.rules`: what every store keeps the same way.
 
 The names below are importable from ``adsync.store`` itself. They are loaded when
-first used, so that importing the package (for :class:`Store`) does not load
-SQLAlchemy and Alembic.
+first used, so that importing the package (for :class:`Store` or
+:class:`InMemoryStore`) does not load SQLAlchemy and Alembic.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from adsync.owner import host_identity, local_owner_is_dead, make_owner
     from adsync.store.database import Database
     from adsync.store.faults import is_transient_db_error
+    from adsync.store.memory import InMemoryStore
     from adsync.store.protocol import Store
     from adsync.store.schema import (
         MIGRATIONS_DIR,
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MIGRATIONS_DIR",
     "Database",
+    "InMemoryStore",
     "SqlSendLog",
     "SqlStore",
     "Store",
@@ -59,6 +62,7 @@ __all__ = [
 _HOMES = {
     "MIGRATIONS_DIR": "adsync.store.schema",
     "Database": "adsync.store.database",
+    "InMemoryStore": "adsync.store.memory",
     "SqlSendLog": "adsync.store.sendlog",
     "SqlStore": "adsync.store.store",
     "Store": "adsync.store.protocol",

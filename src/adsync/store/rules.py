@@ -1,4 +1,5 @@
-"""What every store keeps the same way, written once: item states, kept text, messages.
+"""What every store keeps the same way, written once: item states, kept text, run
+records, messages.
 
 :class:`~adsync.store.SqlStore` and :class:`~adsync.store.InMemoryStore` both
 use these, so that what one stores and says is what the other does.
@@ -8,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
+from adsync.models import RunCounters, RunRecord, RunStatus
 from adsync.observability import REDACTOR
 from adsync.printable import shorten
 
@@ -19,9 +21,11 @@ __all__ = [
     "ITEM_SYNCED",
     "ITEM_UNLISTED",
     "abandon_note",
+    "counter_values",
     "kept",
     "lease_held",
     "no_longer_ours",
+    "run_record",
     "unique_ids",
 ]
 
@@ -63,3 +67,44 @@ def lease_held(client_id: str, run_id: str, owner: str, lease_until: datetime) -
 def no_longer_ours(run_id: str, status: str, owner: str) -> str:
     """Why a run cannot be finished by a process that no longer holds it."""
     return f"run {run_id} is no longer held by this process: it is {status}, owned by {owner}"
+
+
+def counter_values(counters: RunCounters) -> dict[str, int]:
+    """A run's counters by column name (``extra`` is not stored)."""
+    return {
+        "seen": counters.seen,
+        "synced": counters.synced,
+        "failed": counters.failed,
+        "requests": counters.requests,
+        "retries": counters.retries,
+        "rate_limited": counters.rate_limited,
+        "pages": counters.pages,
+    }
+
+
+def run_record(row: Any, *, resumed: bool = False) -> RunRecord:
+    """The :class:`RunRecord` of a ``sync_runs`` row (anything with its columns as attributes)."""
+    return RunRecord(
+        id=row.id,
+        client_id=row.client_id,
+        status=RunStatus(row.status),
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        heartbeat_at=row.heartbeat_at,
+        lease_until=row.lease_until,
+        owner=row.owner,
+        resumes=row.resumes,
+        seen=row.seen,
+        synced=row.synced,
+        failed=row.failed,
+        requests=row.requests,
+        retries=row.retries,
+        rate_limited=row.rate_limited,
+        pages=row.pages,
+        listing_complete=bool(row.listing_complete),
+        resumable=bool(row.resumable),
+        error=row.error,
+        resumed=resumed,
+        run_seq=row.run_seq,
+        active_seconds=row.active_seconds,
+    )

@@ -35,7 +35,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from adsync.errors import AmbiguousRunId, ConfigError, RunLocked, StoreError
@@ -57,9 +57,11 @@ from adsync.store.rules import (
     ITEM_SYNCED,
     ITEM_UNLISTED,
     abandon_note,
+    counter_values,
     kept,
     lease_held,
     no_longer_ours,
+    run_record,
     unique_ids,
 )
 from adsync.store.schema import (
@@ -270,7 +272,7 @@ class SqlStore:
         if running is not None:
             if running.owner == owner:
                 # Ours already: an earlier attempt committed but its answer was lost.
-                return _record(running, resumed=running.resumes > 0)
+                return run_record(running, resumed=running.resumes > 0)
             dead = owner_is_dead is not None and owner_is_dead(running.owner)
             if running.lease_until >= now and not dead:
                 raise RunLocked(
@@ -453,7 +455,7 @@ class SqlStore:
                     + self._db.seconds_since(now, sync_runs.c.heartbeat_at),
                     resumable=keep,
                     error=None if error is None else kept(error),
-                    **_counter_values(counters),
+                    **counter_values(counters),
                 )
             )
             if result.rowcount == 1:
@@ -752,7 +754,7 @@ class SqlStore:
         def read(conn: Connection) -> RunRecord | None:
             exact = conn.execute(sa.select(sync_runs).where(sync_runs.c.id == ref)).first()
             if exact is not None:
-                return _record(exact)
+                return run_record(exact)
             matches = conn.execute(
                 sa.select(sync_runs)
                 .where(sync_runs.c.id.startswith(ref, autoescape=True))
@@ -763,7 +765,7 @@ class SqlStore:
                 raise AmbiguousRunId(
                     f"run id {run_id!r} matches several runs; give more characters"
                 )
-            return _record(matches[0]) if matches else None
+            return run_record(matches[0]) if matches else None
 
         return self._db.transaction("get_run", read)
 
@@ -774,7 +776,7 @@ class SqlStore:
             stmt = stmt.where(sync_runs.c.client_id == client_id)
         stmt = stmt.order_by(sync_runs.c.started_at.desc(), sync_runs.c.id.desc()).limit(limit)
         return self._db.transaction(
-            "recent_runs", lambda conn: [_record(r) for r in conn.execute(stmt)]
+            "recent_runs", lambda conn: [run_record(r) for r in conn.execute(stmt)]
         )
 
     def live_run(self, client_id: str) -> RunRecord | None:
@@ -791,7 +793,7 @@ class SqlStore:
                 sync_runs.c.lease_until >= self._db.now(conn),
             )
             row = conn.execute(stmt).first()
-            return None if row is None else _record(row)
+            return None if row is None else run_record(row)
 
         return self._db.transaction("live_run", read)
 
@@ -819,6 +821,17 @@ class SqlStore:
             "campaign_rows", lambda conn: [dict(r._mapping) for r in conn.execute(stmt)]
         )
 
+    def snapshot_rows(self, client_id: str) -> list[dict[str, Any]]:
+        """The history rows of a client, oldest first, as column → value dicts."""
+        stmt = (
+            sa.select(campaign_snapshots)
+            .where(campaign_snapshots.c.client_id == client_id)
+            .order_by(campaign_snapshots.c.synced_at, campaign_snapshots.c.id)
+        )
+        return self._db.transaction(
+            "snapshot_rows", lambda conn: [dict(r._mapping) for r in conn.execute(stmt)]
+        )
+
     def count_campaigns(self, client_id: str | None = None) -> int:
         """How many campaigns are stored (for one client, or in all)."""
         return self._count(campaigns, client_id)
@@ -837,7 +850,7 @@ class SqlStore:
 
     def _read_run(self, conn: Connection, run_id: str, *, resumed: bool) -> RunRecord:
         row = conn.execute(sa.select(sync_runs).where(sync_runs.c.id == run_id)).one()
-        return _record(row, resumed=resumed)
+        return run_record(row, resumed=resumed)
 
 
 # One part of a write transaction: given the connection and the database's time
@@ -847,7 +860,7 @@ _Step = Callable[[Connection, Callable[[], datetime]], object]
 
 def _counters_step(run_id: str, counters: RunCounters) -> _Step:
     statement = (
-        sa.update(sync_runs).where(sync_runs.c.id == run_id).values(**_counter_values(counters))
+        sa.update(sync_runs).where(sync_runs.c.id == run_id).values(**counter_values(counters))
     )
     return lambda conn, _now: conn.execute(statement)
 
@@ -862,45 +875,6 @@ def _item_rows(run_id: str, client_id: str, ids: Sequence[str], state: str) -> l
 def _stamped(rows: list[dict[str, Any]], column: str, value: object) -> list[dict[str, Any]]:
     """``rows`` with ``column`` set to ``value``, known only inside the transaction."""
     return [{**row, column: value} for row in rows]
-
-
-def _counter_values(counters: RunCounters) -> dict[str, int]:
-    return {
-        "seen": counters.seen,
-        "synced": counters.synced,
-        "failed": counters.failed,
-        "requests": counters.requests,
-        "retries": counters.retries,
-        "rate_limited": counters.rate_limited,
-        "pages": counters.pages,
-    }
-
-
-def _record(row: Row[Any], *, resumed: bool = False) -> RunRecord:
-    return RunRecord(
-        id=row.id,
-        client_id=row.client_id,
-        status=RunStatus(row.status),
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        heartbeat_at=row.heartbeat_at,
-        lease_until=row.lease_until,
-        owner=row.owner,
-        resumes=row.resumes,
-        seen=row.seen,
-        synced=row.synced,
-        failed=row.failed,
-        requests=row.requests,
-        retries=row.retries,
-        rate_limited=row.rate_limited,
-        pages=row.pages,
-        listing_complete=bool(row.listing_complete),
-        resumable=bool(row.resumable),
-        error=row.error,
-        resumed=resumed,
-        run_seq=row.run_seq,
-        active_seconds=row.active_seconds,
-    )
 
 
 def _conforms(store: SqlStore) -> Store:
