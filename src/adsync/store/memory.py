@@ -43,6 +43,7 @@ from adsync.store.rules import (
     ITEM_PENDING,
     ITEM_SYNCED,
     ITEM_UNLISTED,
+    OneRunWrites,
     abandon_note,
     counter_values,
     kept,
@@ -134,7 +135,7 @@ class _Failure:
     failed_at: datetime
 
 
-class InMemoryStore:
+class InMemoryStore(OneRunWrites):
     """:class:`~adsync.store.Store` in memory, with the same promises as the SQL store.
 
     ``now`` stands for the database's clock: leases, run times and the shared
@@ -338,20 +339,6 @@ class InMemoryStore:
     def write_runs(self, writes: Sequence[RunWrite]) -> None:
         """Failures, synced campaigns and counters of one or more runs: all, or none."""
         self._write("write_runs", writes)
-
-    def write_synced(self, run_id: str, client_id: str, batch: Sequence[SyncedCampaign]) -> None:
-        """One run's synced campaigns (as :meth:`SqlStore.write_synced`)."""
-        self._write("write_synced", [RunWrite(run_id, client_id, synced=tuple(batch))])
-
-    def write_failures(
-        self, run_id: str, client_id: str, failures: Sequence[CampaignFailure]
-    ) -> None:
-        """One run's failed campaigns (as :meth:`SqlStore.write_failures`)."""
-        self._write("write_failures", [RunWrite(run_id, client_id, failures=tuple(failures))])
-
-    def save_counters(self, run_id: str, counters: RunCounters) -> None:
-        """One run's counters (as :meth:`SqlStore.save_counters`)."""
-        self._write("save_counters", [RunWrite(run_id, "", counters=counters)])
 
     def _write(self, op: str, writes: Sequence[RunWrite]) -> None:
         with self._lock:

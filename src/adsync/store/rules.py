@@ -7,11 +7,18 @@ use these, so that what one stores and says is what the other does.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, Final
 
-from adsync.models import RunCounters, RunRecord, RunStatus
+from adsync.models import (
+    CampaignFailure,
+    RunCounters,
+    RunRecord,
+    RunStatus,
+    RunWrite,
+    SyncedCampaign,
+)
 from adsync.observability import REDACTOR
 from adsync.printable import shorten
 
@@ -20,6 +27,7 @@ __all__ = [
     "ITEM_PENDING",
     "ITEM_SYNCED",
     "ITEM_UNLISTED",
+    "OneRunWrites",
     "abandon_note",
     "counter_values",
     "kept",
@@ -108,3 +116,39 @@ def run_record(row: Any, *, resumed: bool = False) -> RunRecord:
         run_seq=row.run_seq,
         active_seconds=row.active_seconds,
     )
+
+
+class OneRunWrites:
+    """Writes of one run's part at a time, for tests and tools; the pipeline uses ``write_runs``.
+
+    Each is one transaction of the store's ``_write``, under its own name in messages.
+    """
+
+    def _write(self, op: str, writes: Sequence[RunWrite]) -> None:
+        raise NotImplementedError
+
+    def write_synced(self, run_id: str, client_id: str, batch: Sequence[SyncedCampaign]) -> None:
+        """Store a batch of synced campaigns in one transaction.
+
+        Upserts ``campaigns`` (latest values; ``first_synced_at`` kept; never
+        overwritten by an earlier run, whatever the platform's ``synced_at`` says:
+        runs are ordered by their ``run_seq``), adds one history row per campaign
+        per run (a resumed run's repeat is ignored), marks the items synced and
+        drops their earlier failure records in this run.
+        """
+        self._write("write_synced", [RunWrite(run_id, client_id, synced=tuple(batch))])
+
+    def write_failures(
+        self, run_id: str, client_id: str, failures: Sequence[CampaignFailure]
+    ) -> None:
+        """Record failed campaigns with their reasons in one transaction.
+
+        An empty ``campaign_id`` (a payload without a usable id) is stored without
+        one and has no checkpoint item. A campaign already synced in this run stays
+        synced: a later failure report cannot undo a stored campaign.
+        """
+        self._write("write_failures", [RunWrite(run_id, client_id, failures=tuple(failures))])
+
+    def save_counters(self, run_id: str, counters: RunCounters) -> None:
+        """Record the run's counters (absolute values, not increments)."""
+        self._write("save_counters", [RunWrite(run_id, "", counters=counters)])

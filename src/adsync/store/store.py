@@ -56,6 +56,7 @@ from adsync.store.rules import (
     ITEM_PENDING,
     ITEM_SYNCED,
     ITEM_UNLISTED,
+    OneRunWrites,
     abandon_note,
     counter_values,
     kept,
@@ -89,7 +90,7 @@ class _LostRace(Exception):
     """Another claimer changed the run between our read and our write: look again."""
 
 
-class SqlStore:
+class SqlStore(OneRunWrites):
     """The SQLite / PostgreSQL store. Thread-safe: one per process, shared by all tasks."""
 
     def __init__(
@@ -399,22 +400,32 @@ class SqlStore:
         def beat(conn: Connection) -> bool:
             now = self._db.now(conn)
             result = conn.execute(
-                sa.update(sync_runs)
-                .where(
-                    sync_runs.c.id == run_id,
-                    sync_runs.c.owner == owner,
-                    sync_runs.c.status == RunStatus.RUNNING.value,
-                )
-                .values(
-                    heartbeat_at=now,
-                    lease_until=now + timedelta(seconds=lease_seconds),
-                    active_seconds=sync_runs.c.active_seconds
-                    + self._db.seconds_since(now, sync_runs.c.heartbeat_at),
+                self._ran_until(now, run_id, owner).values(
+                    lease_until=now + timedelta(seconds=lease_seconds)
                 )
             )
             return result.rowcount == 1
 
         return self._db.transaction("heartbeat", beat, write=True)
+
+    def _ran_until(self, now: datetime, run_id: str, owner: str) -> sa.Update:
+        """An UPDATE of the run while it is ``owner``'s and running, as of a beat at ``now``.
+
+        The time since the last beat counts as time the run was running.
+        """
+        return (
+            sa.update(sync_runs)
+            .where(
+                sync_runs.c.id == run_id,
+                sync_runs.c.owner == owner,
+                sync_runs.c.status == RunStatus.RUNNING.value,
+            )
+            .values(
+                heartbeat_at=now,
+                active_seconds=sync_runs.c.active_seconds
+                + self._db.seconds_since(now, sync_runs.c.heartbeat_at),
+            )
+        )
 
     def finish_run(
         self,
@@ -441,18 +452,9 @@ class SqlStore:
         def finish(conn: Connection) -> None:
             now = self._db.now(conn)
             result = conn.execute(
-                sa.update(sync_runs)
-                .where(
-                    sync_runs.c.id == run_id,
-                    sync_runs.c.owner == owner,
-                    sync_runs.c.status == RunStatus.RUNNING.value,
-                )
-                .values(
+                self._ran_until(now, run_id, owner).values(
                     status=status.value,
                     finished_at=now,
-                    heartbeat_at=now,
-                    active_seconds=sync_runs.c.active_seconds
-                    + self._db.seconds_since(now, sync_runs.c.heartbeat_at),
                     resumable=keep,
                     error=None if error is None else kept(error),
                     **counter_values(counters),
@@ -550,36 +552,10 @@ class SqlStore:
 
         Group commit: a process syncing many accounts pays one transaction per
         round instead of several per account. For each run, in this order: its
-        failures (:meth:`write_failures`), its synced campaigns
-        (:meth:`write_synced`) and its counters (:meth:`save_counters`).
+        failures (as :meth:`write_failures`), its synced campaigns (as
+        :meth:`write_synced`) and its counters (as :meth:`save_counters`).
         """
         self._write("write_runs", writes)
-
-    def write_synced(self, run_id: str, client_id: str, batch: Sequence[SyncedCampaign]) -> None:
-        """Store a batch of synced campaigns in one transaction.
-
-        Upserts ``campaigns`` (latest values; ``first_synced_at`` kept; never
-        overwritten by an earlier run, whatever the platform's ``synced_at`` says:
-        runs are ordered by their ``run_seq``), adds one history row per campaign
-        per run (a resumed run's repeat is ignored), marks the items synced and
-        drops their earlier failure records in this run.
-        """
-        self._write("write_synced", [RunWrite(run_id, client_id, synced=tuple(batch))])
-
-    def write_failures(
-        self, run_id: str, client_id: str, failures: Sequence[CampaignFailure]
-    ) -> None:
-        """Record failed campaigns with their reasons in one transaction.
-
-        An empty ``campaign_id`` (a payload without a usable id) is stored as NULL
-        and has no checkpoint item. A campaign already synced in this run stays
-        synced: a later failure report cannot undo a stored campaign.
-        """
-        self._write("write_failures", [RunWrite(run_id, client_id, failures=tuple(failures))])
-
-    def save_counters(self, run_id: str, counters: RunCounters) -> None:
-        """Record the run's counters (absolute values, not increments)."""
-        self._write("save_counters", [RunWrite(run_id, "", counters=counters)])
 
     def _write(self, op: str, writes: Sequence[RunWrite]) -> None:
         steps: list[_Step] = []
