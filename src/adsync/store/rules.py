@@ -19,8 +19,8 @@ from adsync.models import (
     RunWrite,
     SyncedCampaign,
 )
-from adsync.observability import REDACTOR
 from adsync.printable import shorten
+from adsync.redact import REDACTOR
 
 __all__ = [
     "ITEM_FAILED",
