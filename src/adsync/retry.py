@@ -57,7 +57,9 @@ def full_jitter_backoff(
     Full jitter spreads the retries of many callers that failed together, so they
     do not come back together.
     """
-    ceiling = min(maximum, initial * (2 ** max(0, attempt - 1)))
+    # The exponent is capped: loops that count the attempts of an outage of hours
+    # would overflow a float long after the ceiling stopped growing anyway.
+    ceiling = min(maximum, initial * (2.0 ** min(max(0, attempt - 1), 64)))
     return rng.uniform(0.0, ceiling)
 
 

@@ -71,6 +71,14 @@ def test_full_jitter_stays_within_the_exponential_ceiling(attempt: int, seed: in
     assert 0.0 <= wait <= min(20.0, 0.5 * 2 ** (attempt - 1))
 
 
+@pytest.mark.parametrize("attempt", [1_025, 5_000, 10**9])
+def test_full_jitter_of_an_outage_of_hours_stays_under_the_cap(attempt: int) -> None:
+    # Reconnect loops count attempts for as long as an outage lasts: the thousandth
+    # attempt must wait the cap, not overflow a float.
+    wait = full_jitter_backoff(attempt, initial=0.5, maximum=30.0, rng=random.Random(1))
+    assert 0.0 <= wait <= 30.0
+
+
 def test_full_jitter_spreads_waits() -> None:
     rng = random.Random(1)
     waits = {round(full_jitter_backoff(4, initial=1, maximum=30, rng=rng), 3) for _ in range(50)}
