@@ -801,6 +801,21 @@ def test_a_reason_or_an_error_is_kept_to_2000_characters(store: AnyStore) -> Non
     assert done.error == "y" * 2_000 + "... (1000 more characters)"
 
 
+def test_a_reason_or_an_error_with_nul_is_kept_without_it(store: AnyStore) -> None:
+    # PostgreSQL text cannot hold NUL; a platform message with one must not sink
+    # the write that records it.
+    run = start(store)
+    store.write_failures(run.id, "acme", [CampaignFailure("c1", "bad\x00body", "sync")])
+    [kept] = store.run_failures(run.id)
+    assert "\x00" not in kept.reason
+    assert kept.reason.startswith("bad")
+    finish_at(store, run.id, OWNER, RunStatus.FAILED, RunCounters(), T0, "boom\x00!")
+    done = store.get_run(run.id)
+    assert done is not None
+    assert done.error is not None
+    assert "\x00" not in done.error
+
+
 # --- reading -------------------------------------------------------------------------
 
 

@@ -49,8 +49,9 @@ ITEM_UNLISTED: Final = "unlisted"
 def kept(text: str) -> str:
     """``text`` as a store keeps it (a failure's reason, a run's error)."""
     # Reasons and errors quote the platform and exceptions: no secret the process
-    # knows goes into the database, and no megabyte error body either.
-    return shorten(REDACTOR.scrub(text))
+    # knows goes into the database, and no megabyte error body either. NUL is
+    # shown, not stored: PostgreSQL text cannot hold it.
+    return shorten(REDACTOR.scrub(text)).replace("\x00", "\\x00")
 
 
 def unique_ids(values: Iterable[str]) -> list[str]:
