@@ -33,7 +33,6 @@ __all__ = [
     "PatientStore",
     "SyncAccount",
     "WorkerRuntime",
-    "retries_within",
     "runtime_of",
     "unservable_accounts",
 ]
@@ -51,17 +50,6 @@ _PATIENT_WAIT: Final = 0.5
 _PATIENT_WAIT_MAX: Final = 10.0
 
 
-def retries_within(patience: float, *, wait: float, wait_max: float) -> int:
-    """Attempts that a backoff from ``wait`` seconds, doubling up to ``wait_max``, spreads
-    over at least ``patience`` seconds (the store's retry schedule)."""
-    attempts, waited, step = 1, 0.0, wait
-    while waited < patience:
-        waited += min(step, wait_max)
-        step *= 2
-        attempts += 1
-    return attempts
-
-
 class PatientStore(SqlStore):
     """The store of a worker's runs: waits out a database outage of minutes.
 
@@ -77,7 +65,9 @@ class PatientStore(SqlStore):
     ) -> None:
         super().__init__(
             prompt.engine,
-            retry_attempts=retries_within(patience, wait=_PATIENT_WAIT, wait_max=_PATIENT_WAIT_MAX),
+            # Bounded by time, not attempts: the waits are jittered.
+            retry_attempts=1,
+            retry_for=patience,
             retry_wait=_PATIENT_WAIT,
             retry_wait_max=_PATIENT_WAIT_MAX,
             sleep=sleep,
