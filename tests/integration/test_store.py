@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from _dbclock import DbClock
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import event
 
 from adsync.errors import RunLocked, StoreError
@@ -30,6 +31,7 @@ from adsync.models import (
     SyncedCampaign,
 )
 from adsync.store import SqlStore, metadata, sync_runs
+from adsync.store.schema import MIGRATIONS_DIR, REVISIONS
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 LEASE = 30.0
@@ -117,6 +119,14 @@ def test_migrations_apply_and_are_idempotent(fresh_database_url: str) -> None:
         assert diff == []
     finally:
         store.dispose()
+
+
+def test_the_revisions_the_readers_know_are_the_migration_scripts() -> None:
+    # Read-only commands check the schema against REVISIONS without loading Alembic.
+    script = ScriptDirectory(str(MIGRATIONS_DIR))
+    scripts = [rev.revision for rev in reversed(list(script.walk_revisions()))]
+    assert tuple(scripts) == REVISIONS
+    assert script.get_heads() == [REVISIONS[-1]]
 
 
 def test_concurrent_upgrades_do_not_collide(fresh_database_url: str) -> None:

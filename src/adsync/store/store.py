@@ -30,11 +30,6 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util.exc import CommandError
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -67,6 +62,8 @@ from adsync.store.rules import (
 )
 from adsync.store.schema import (
     MIGRATIONS_DIR,
+    REVISIONS,
+    VERSION_TABLE,
     campaign_snapshots,
     campaigns,
     run_items,
@@ -161,6 +158,11 @@ class SqlStore(OneRunWrites):
         ones then find the schema at head.
         """
 
+        # Alembic is loaded by the commands that migrate, not by the ones that read.
+        from alembic import command  # noqa: PLC0415
+        from alembic.config import Config  # noqa: PLC0415
+        from alembic.util.exc import CommandError  # noqa: PLC0415
+
         def migrate(conn: Connection) -> None:
             if not self._db.sqlite:
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_MIGRATION_LOCK)))
@@ -183,11 +185,15 @@ class SqlStore(OneRunWrites):
         For the commands that only read: a missing database or a schema that is
         missing, older or newer is a :class:`ConfigError` saying what to do.
         """
+
+        def heads(conn: Connection) -> frozenset[str]:
+            if not sa.inspect(conn).has_table(VERSION_TABLE):
+                return frozenset()
+            version = sa.table(VERSION_TABLE, sa.column("version_num"))
+            return frozenset(conn.execute(sa.select(version.c.version_num)).scalars())
+
         try:
-            current = self._db.transaction(
-                "schema",
-                lambda conn: frozenset(MigrationContext.configure(conn).get_current_heads()),
-            )
+            current = self._db.transaction("schema", heads)
         except StoreError as exc:
             cause = exc.__cause__
             if cause is not None and is_missing_database(cause):
@@ -196,9 +202,7 @@ class SqlStore(OneRunWrites):
                     f"{self._db.describe(cause)}"
                 ) from exc
             raise
-        script = ScriptDirectory(str(MIGRATIONS_DIR))
-        known = frozenset(rev.revision for rev in script.walk_revisions())
-        problem = schema_problem(current, frozenset(script.get_heads()), known)
+        problem = schema_problem(current, frozenset(REVISIONS[-1:]), frozenset(REVISIONS))
         if problem is not None:
             raise ConfigError(f"{problem} (DATABASE_URL: {self._db.where})")
 
