@@ -55,6 +55,32 @@ def _console_safe(
     return event
 
 
+def _exception_in_one_line(
+    logger: Any, method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """An error's type and message instead of its traceback (below DEBUG).
+
+    Libraries log some errors with their traceback (a connection pool, for
+    every connection it could not close during a database outage); in a cron
+    or container log that is dozens of lines per event. Outside DEBUG the
+    line says what failed; ``--verbose`` shows where.
+    """
+    exc_info = event.pop("exc_info", None)
+    if not exc_info:
+        return event
+    if isinstance(exc_info, BaseException):
+        exc: BaseException | None = exc_info
+    elif isinstance(exc_info, tuple):
+        exc = exc_info[1]
+    else:
+        exc = sys.exc_info()[1]
+    if exc is not None:
+        message = " ".join(str(exc).split())
+        # Not "exception": a console renderer puts that on lines of its own.
+        event["exc"] = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return event
+
+
 def configure_logging(
     level: str = "INFO",
     fmt: Literal["auto", "json", "console"] = "auto",
@@ -73,6 +99,9 @@ def configure_logging(
     # A terminal (or a file later paged on one) obeys control characters.
     last: list[Any] = [REDACTOR, renderer] if use_json else [REDACTOR, _console_safe, renderer]
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    exceptions: Any = (
+        structlog.processors.format_exc_info if numeric <= logging.DEBUG else _exception_in_one_line
+    )
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -81,7 +110,7 @@ def configure_logging(
     structlog.configure(
         processors=[
             *shared,
-            structlog.processors.format_exc_info,
+            exceptions,
             *last,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -97,7 +126,7 @@ def configure_logging(
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 # A library's traceback as text, so the redaction sees it (and a
                 # console renderer never shows a frame's local variables).
-                structlog.processors.format_exc_info,
+                exceptions,
                 *last,
             ],
             foreign_pre_chain=shared,

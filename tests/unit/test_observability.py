@@ -96,3 +96,29 @@ def test_a_secret_inside_a_longer_one_does_not_leave_a_piece_behind() -> None:
     redactor.register_recent("abcd")
     redactor.register_recent("xxabcdxx")
     assert redactor.scrub("[xxabcdxx] [abcd]") == "[***] [***]"
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_below_debug_a_library_error_is_one_line_without_its_traceback(
+    restore_logging: None, fmt: str
+) -> None:
+    # A connection pool logs every connection it could not close with its
+    # traceback; during a database outage that floods a cron log. Outside
+    # --verbose the error is one line; the traceback is for DEBUG.
+    stream = io.StringIO()
+    configure_logging("INFO", fmt, stream=stream)  # type: ignore[arg-type]
+    log_everything()
+    text = stream.getvalue()
+    assert "Traceback" not in text
+    assert "library failed" in text
+    assert "RuntimeError: library boom" in text
+    assert "RuntimeError: boom" in text
+    assert len(text.splitlines()) == 4, text
+
+
+def test_at_debug_a_library_error_keeps_its_traceback(restore_logging: None) -> None:
+    stream = io.StringIO()
+    configure_logging("DEBUG", "json", stream=stream)
+    log_everything()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert sum("Traceback" in line.get("exception", "") for line in lines) == 2
