@@ -69,6 +69,9 @@ class RunWriter:
     async def write(self, part: RunWrite) -> None:
         """Commit ``part`` (with whatever else is waiting); raise the store's error."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # A caller stopped while its part is being committed is no longer there
+        # to read the outcome: the error is marked read, not logged at exit.
+        future.add_done_callback(_mark_read)
         self._pending.append((part, future))
         if not self._busy:
             self._busy = True
@@ -101,6 +104,11 @@ class RunWriter:
             _settle([one], exc)
         else:
             _settle([one], None)
+
+
+def _mark_read(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _settle(
