@@ -23,7 +23,6 @@ from hypothesis import strategies as st
 
 from adsync.errors import AmbiguousRunId, RunLocked, StoreError, StoreUnavailable
 from adsync.models import (
-    Campaign,
     CampaignFailure,
     RunCounters,
     RunRecord,
@@ -33,10 +32,10 @@ from adsync.models import (
 )
 from adsync.sendlog import SendLogShortcuts
 from adsync.store import InMemoryStore, SqlStore, metadata
+from factories import T0, campaign, synced
 
 AnyStore = InMemoryStore | SqlStore
 
-T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 LEASE = 30.0
 OWNER = "host-a:100:aaaa"
 OTHER = "host-b:200:bbbb"
@@ -93,25 +92,6 @@ def store(request: pytest.FixtureRequest) -> Iterator[AnyStore]:
 def holds_nul(store: AnyStore) -> bool:
     """Whether the store keeps text with NUL in it (SQLite does; PostgreSQL cannot)."""
     return isinstance(store, SqlStore) and store.engine.dialect.name == "sqlite"
-
-
-def campaign(cid: str, **changes: Any) -> Campaign:
-    values: dict[str, Any] = {
-        "id": cid,
-        "name": f"Campaign {cid}",
-        "status": "active",
-        "budget": 100.0,
-        "impressions": 1_000,
-        "clicks": 10,
-        "conversions": 1,
-        "created_at": datetime(2024, 1, 1, tzinfo=UTC),
-    }
-    values.update(changes)
-    return Campaign(**values)
-
-
-def synced(cid: str, at: datetime = T0, **changes: Any) -> SyncedCampaign:
-    return SyncedCampaign(campaign=campaign(cid, **changes), synced_at=at)
 
 
 def claim(store: AnyStore, client: str, owner: str, now: datetime, **kw: Any) -> RunRecord:

@@ -24,16 +24,14 @@ from sqlalchemy import event
 
 from adsync.errors import RunLocked, StoreError
 from adsync.models import (
-    Campaign,
     CampaignFailure,
     RunRecord,
     RunStatus,
-    SyncedCampaign,
 )
 from adsync.store import SqlStore, metadata, sync_runs
 from adsync.store.schema import MIGRATIONS_DIR, REVISIONS
+from factories import T0, synced
 
-T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 LEASE = 30.0
 OWNER = "host-a:100:aaaa"
 OTHER = "host-b:200:bbbb"
@@ -44,25 +42,6 @@ class Ceiling(random.Random):
 
     def uniform(self, a: float, b: float) -> float:
         return b
-
-
-def campaign(cid: str, **changes: Any) -> Campaign:
-    values: dict[str, Any] = {
-        "id": cid,
-        "name": f"Campaign {cid}",
-        "status": "active",
-        "budget": 100.0,
-        "impressions": 1_000,
-        "clicks": 10,
-        "conversions": 1,
-        "created_at": datetime(2024, 1, 1, tzinfo=UTC),
-    }
-    values.update(changes)
-    return Campaign(**values)
-
-
-def synced(cid: str, at: datetime = T0, **changes: Any) -> SyncedCampaign:
-    return SyncedCampaign(campaign=campaign(cid, **changes), synced_at=at)
 
 
 # The database's clock in these tests: each call below says what time it is.
