@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Any
 
 import pytest
 import typer.main
-from _proc import adsync
+from _proc import adsync, child_env
 
 from adsync.cli import app
 from adsync.simulator.testing import SimulatorHandle, running_simulator
@@ -160,3 +162,55 @@ def test_demo_syncs_everything_into_sqlite(tmp_path: Path) -> None:
     assert "30 campaigns in" in result.stdout
     assert "0 refused with 429" in result.stdout
     assert (tmp_path / "adsync-demo.db").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_demo_next_steps_work_as_printed_without_the_venv_on_path(tmp_path: Path) -> None:
+    # As `make demo` starts it: the venv's console script, its directory not on PATH.
+    script = Path(sys.executable).parent / "adsync"
+    path = "/usr/local/bin:/usr/bin:/bin"
+    env = {**child_env({}), "PATH": path}
+    done = subprocess.run(
+        [str(script), "demo", "--campaigns", "12"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = {
+        label: line.partition(":  ")[2]
+        for line in done.stdout.splitlines()
+        for label in ("query it", "run history")
+        if line.startswith(f"{label}:  ")
+    }
+    assert set(steps) == {"query it", "run history"}, done.stdout
+    # Each printed step, pasted into a shell from another directory.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    query = subprocess.run(
+        ["bash", "-c", steps["query it"]],
+        env=env,
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert query.returncode == 0, query.stderr
+    ids = [row.partition("|")[0] for row in query.stdout.splitlines()]
+    assert ids == ["campaign_1", "campaign_2", "campaign_3", "campaign_4", "campaign_5"]
+    history = subprocess.run(
+        ["bash", "-c", steps["run history"]],
+        env=env,
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert history.returncode == 0, history.stderr
+    assert "succeeded" in history.stdout

@@ -6,6 +6,8 @@ uvicorn) and the pipeline are imported when the command runs.
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -74,12 +76,29 @@ def demo(
         f"{stats.get('rate_limited', '?')} refused with 429, "
         f"window maximum {stats.get('max_in_window', '?')} of 10)"
     )
-    out.print(
-        f'query it:  sqlite3 {database} "SELECT id, name, status, impressions, last_synced_at '
-        f'FROM campaigns ORDER BY id LIMIT 5"'
+    where = database.resolve()
+    # Ids are campaign_1 ... campaign_100: shorter ids first puts 2 before 10.
+    query = (
+        "SELECT id, name, status, impressions, last_synced_at "
+        "FROM campaigns ORDER BY length(id), id LIMIT 5"
     )
-    out.print(f"run history:  DATABASE_URL=sqlite:///{database} adsync status")
+    out.print(f"query it:  sqlite3 {shlex.quote(str(where))} {shlex.quote(query)}")
+    history = shlex.quote(f"DATABASE_URL=sqlite:///{where}")
+    out.print(f"run history:  {history} {this_command()} status")
     raise typer.Exit(code)
+
+
+def this_command() -> str:
+    """How to run this adsync again from a shell, whatever is on PATH.
+
+    ``make demo`` runs ``.venv/bin/adsync``, whose directory is seldom on PATH:
+    the running script's absolute path, or ``python -m adsync.cli`` when not
+    started as a script.
+    """
+    script = Path(sys.argv[0])
+    if script.name == "adsync" and script.is_file():
+        return shlex.quote(str(script.absolute()))
+    return f"{shlex.quote(sys.executable)} -m adsync.cli"
 
 
 def register(app: typer.Typer) -> None:
