@@ -185,6 +185,17 @@ class SqlStore(OneRunWrites):
         For the commands that only read: a missing database or a schema that is
         missing, older or newer is a :class:`ConfigError` saying what to do.
         """
+        current = self.schema_revisions()
+        problem = schema_problem(current, frozenset(REVISIONS[-1:]), frozenset(REVISIONS))
+        if problem is not None:
+            raise ConfigError(f"{problem} (DATABASE_URL: {self._db.where})")
+
+    def schema_revisions(self) -> frozenset[str]:
+        """The Alembic revisions the database is at (empty: no adsync schema), read only.
+
+        A database that does not exist is a :class:`ConfigError`; one that does
+        not answer, a :class:`StoreError`.
+        """
 
         def heads(conn: Connection) -> frozenset[str]:
             if not sa.inspect(conn).has_table(VERSION_TABLE):
@@ -193,7 +204,7 @@ class SqlStore(OneRunWrites):
             return frozenset(conn.execute(sa.select(version.c.version_num)).scalars())
 
         try:
-            current = self._db.transaction("schema", heads)
+            return self._db.transaction("schema", heads)
         except StoreError as exc:
             cause = exc.__cause__
             if cause is not None and is_missing_database(cause):
@@ -202,9 +213,6 @@ class SqlStore(OneRunWrites):
                     f"{self._db.describe(cause)}"
                 ) from exc
             raise
-        problem = schema_problem(current, frozenset(REVISIONS[-1:]), frozenset(REVISIONS))
-        if problem is not None:
-            raise ConfigError(f"{problem} (DATABASE_URL: {self._db.where})")
 
     # --- runs ---------------------------------------------------------------------------
 
