@@ -59,6 +59,7 @@ def test_first_run_block_names_the_steps_a_newcomer_needs() -> None:
         line.startswith(".venv/bin/adsync simulate") and line.endswith("&") for line in lines
     )
     assert "cp .env.example .env" in lines
+    assert ".venv/bin/adsync check" in lines
     assert ".venv/bin/adsync sync" in lines
 
 
@@ -109,5 +110,6 @@ def test_first_run_block_works_as_written(tmp_path: Path) -> None:
         outputs[line] = done.stdout + done.stderr
     assert "succeeded client default" in outputs[".venv/bin/adsync sync"]
     assert "100 synced, 0 failed of 100 seen" in outputs[".venv/bin/adsync sync"]
+    assert "FAIL" not in outputs[".venv/bin/adsync check"]
     status = outputs[".venv/bin/adsync status"]
     assert re.search(r"default\s+succeeded\s", status), status

@@ -94,3 +94,17 @@ def test_sync_loads_neither_the_worker_nor_the_simulator(tmp_path: Path) -> None
         loaded = loaded_by("sync", "--log-level", "ERROR", env=env, cwd=tmp_path)
         assert sim.stats()["clients"]["default"]["requests"] == 4  # the probe did sync
     assert loaded & (WORKER | SIMULATOR) == set()
+
+
+def test_check_loads_neither_the_worker_nor_the_simulator_nor_alembic(tmp_path: Path) -> None:
+    with running_simulator(campaigns=3, error_rate=0, hang_rate=0) as sim:
+        env = {
+            "AD_PLATFORM_API_URL": sim.url,
+            "AD_PLATFORM_EMAIL": "admin@mixoads.com",
+            "AD_PLATFORM_PASSWORD": "SuperSecret123!",
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'none-yet.db'}",
+        }
+        loaded = loaded_by("check", env=env, cwd=tmp_path)
+        assert sim.stats()["tokens_issued"] == 1  # the probe did check the credentials
+    assert "httpx" in loaded
+    assert loaded & (WORKER | SIMULATOR | {"alembic", "prometheus_client"}) == set()

@@ -1,6 +1,6 @@
 """The ``adsync`` command line: the app, its command groups, the entry point.
 
-One module per command group (``sync``, ``demo``, ``history``, ``accounts``,
+One module per command group (``sync``, ``check``, ``demo``, ``history``, ``accounts``,
 ``db``, ``worker``; ``simulate`` is the simulator's own), each adding its commands
 to :data:`app`. Building the app imports only typer, rich's console and the light
 shared pieces of :mod:`adsync.cli.common`: every command imports the libraries it
@@ -15,7 +15,7 @@ import sys
 
 import typer
 
-from adsync.cli import accounts, db, demo, history, sync, worker
+from adsync.cli import accounts, check, db, demo, history, sync, worker
 from adsync.exit_codes import EXIT_SIGINT
 from adsync.simulator.cli import simulate
 
@@ -31,6 +31,7 @@ app = typer.Typer(
 db.register(app)
 accounts.register(app)
 sync.register(app)
+check.register(app)
 demo.register(app)
 app.command("simulate")(simulate)
 history.register(app)
