@@ -93,6 +93,14 @@ class Account:
         except ConfigError as exc:
             raise ConfigError(f"account {self.client_id!r}: {exc}") from None
 
+    def password_problem(self) -> str | None:
+        """Why this account's password cannot be read here (unset, missing, unsafe), or None."""
+        try:
+            self._password()
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
     def _password(self) -> str:
         entry = self.entry
         if entry.password_env is not None:

@@ -1,4 +1,4 @@
-"""``adsync accounts list``: the accounts file, without secrets.
+"""``adsync accounts list`` and ``accounts check``: the accounts file, without secrets.
 
 Registered on the main app by :func:`register`.
 """
@@ -14,7 +14,7 @@ from rich.console import Console
 
 from adsync.cli.common import DEFAULT_ACCOUNTS_FILE, AccountsOpt, VerboseOpt, errors, shown
 
-__all__ = ["accounts_app", "accounts_list", "register"]
+__all__ = ["accounts_app", "accounts_check", "accounts_list", "register"]
 
 accounts_app = typer.Typer(help="The accounts file.", no_args_is_help=True)
 
@@ -61,6 +61,51 @@ def accounts_list(
             "yes" if row["enabled"] else "no",
         )
     out.print(table)
+
+
+@accounts_app.command("check")
+def accounts_check(
+    accounts_file: AccountsOpt = Path(DEFAULT_ACCOUNTS_FILE),
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Check that each account's password source exists here: its variable set, its file readable.
+
+    One line per account, never the password. A disabled account's missing
+    source is a warning, not a failure. Exit codes: 0 every enabled account's
+    password found, 2 one is not (or the file is bad).
+    """
+    from adsync.accounts import load_accounts
+    from adsync.exit_codes import EXIT_CONFIG
+
+    with errors(verbose):
+        accounts = load_accounts(accounts_file)
+    rows = [
+        {
+            "client_id": a.client_id,
+            "enabled": a.enabled,
+            "password_from": a.password_source,
+            "problem": a.password_problem(),
+        }
+        for a in accounts
+    ]
+    failed = any(row["problem"] is not None and row["enabled"] for row in rows)
+    out = Console(highlight=False, soft_wrap=True)
+    if as_json:
+        out.print_json(json.dumps({"accounts": rows}))
+    else:
+        for row in rows:
+            problem = row["problem"]
+            if problem is None:
+                mark, detail = "[green]ok  [/]", f"password from {row['password_from']} found"
+            else:
+                mark = "[bold red]FAIL[/]" if row["enabled"] else "[yellow]warn[/]"
+                detail = str(problem).removeprefix(f"account {row['client_id']!r}: ")
+            if not row["enabled"]:
+                detail += " (disabled)"
+            out.print(f"{mark}  {shown(str(row['client_id']))}: {shown(detail)}")
+    if failed:
+        raise typer.Exit(EXIT_CONFIG)
 
 
 def register(app: typer.Typer) -> None:
