@@ -108,3 +108,10 @@ def test_check_loads_neither_the_worker_nor_the_simulator_nor_alembic(tmp_path: 
         assert sim.stats()["tokens_issued"] == 1  # the probe did check the credentials
     assert "httpx" in loaded
     assert loaded & (WORKER | SIMULATOR | {"alembic", "prometheus_client"}) == set()
+
+
+@pytest.mark.postgres
+def test_jobs_reads_the_queue_without_procrastinate(tmp_path: Path, pg_url: str) -> None:
+    loaded = loaded_by("jobs", env={"DATABASE_URL": pg_url}, cwd=tmp_path)
+    assert "psycopg" in loaded  # the probe did read the queue
+    assert loaded & (WORKER | SIMULATOR | PLATFORM | {"alembic"}) == set()

@@ -29,6 +29,7 @@ from adsync.cli.common import (
     err,
     errors,
     open_store,
+    shown,
 )
 from adsync.errors import ConfigError
 
@@ -173,6 +174,13 @@ def _queue(accounts_file: Path, client_ids: list[str]) -> Enqueued:
     conninfo = queue_conninfo(database_url())
     settings = load_worker_settings()
     accounts = select(load_accounts(accounts_file), client_ids)
+    disabled = [a.client_id for a in accounts if not a.enabled]
+    if disabled:
+        # A worker would only end its job "account disabled": refuse it here instead.
+        raise ConfigError(
+            f"account {', '.join(map(repr, disabled))} is disabled (enabled = false in "
+            f"{accounts_file}): nothing queued"
+        )
     return asyncio.run(_enqueue(conninfo, settings, [a.client_id for a in accounts]))
 
 
@@ -239,6 +247,7 @@ def schedule(
 
     with errors(verbose):
         settings = load_worker_settings()
+        on_sqlite = database_url().startswith("sqlite")
         accounts = select(load_accounts(accounts_file), [])
         if once:
             result = _queue(accounts_file, [a.client_id for a in accounts])
@@ -265,10 +274,70 @@ def schedule(
             "`adsync worker`; next: " + ", ".join(document["next_utc"])
         )
     out.print(f"{len(accounts)} enabled account(s): {escape(', '.join(document['accounts']))}")
+    if on_sqlite:
+        out.print(
+            "DATABASE_URL is SQLite: the workers need PostgreSQL, so nothing runs this "
+            "schedule until DATABASE_URL is postgresql://USER@HOST/DB"
+        )
+
+
+def jobs(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """List the sync jobs queued, running or failed in the job queue, oldest first.
+
+    Needs PostgreSQL in DATABASE_URL; reads only (an empty queue, or one never
+    created, lists nothing). Finished runs are in `adsync status`. Exit codes:
+    0 listed, 1 database error, 2 bad configuration (SQLite included).
+    """
+    from adsync.worker.jobs import LISTED_STATUSES, list_jobs
+    from adsync.worker.settings import queue_conninfo
+
+    with errors(verbose):
+        found = list_jobs(queue_conninfo(database_url()))
+
+    def stamp(value: datetime | None) -> str | None:
+        return None if value is None else value.astimezone(UTC).isoformat()
+
+    if as_json:
+        rows = [
+            {
+                "id": j.id,
+                "client_id": j.client_id,
+                "status": j.status,
+                "attempts": j.attempts,
+                "queued_at": stamp(j.queued_at),
+                "scheduled_at": stamp(j.scheduled_at),
+                "changed_at": stamp(j.changed_at),
+            }
+            for j in found
+        ]
+        typer.echo(json.dumps({"jobs": rows}, indent=2, ensure_ascii=False))
+        return
+    out = Console(highlight=False, soft_wrap=True)
+    if not found:
+        out.print("no queued, running or failed jobs")
+        return
+    for j in found:
+        when = j.scheduled_at or j.queued_at
+        out.print(
+            f"{shown(j.client_id):<24} {j.status:<7} job {j.id:<8} attempts {j.attempts:<3} "
+            f"queued {_short(j.queued_at)}"
+            + (f"  runs at {_short(when)}" if j.scheduled_at is not None else "")
+            + f"  last change {_short(j.changed_at)}"
+        )
+    by = {s: sum(1 for j in found if j.status == s) for s in LISTED_STATUSES}
+    err.print(f"{by['todo']} queued, {by['doing']} running, {by['failed']} failed")
+
+
+def _short(value: datetime | None) -> str:
+    return "-" if value is None else value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``worker``, ``enqueue`` and ``schedule`` to the main app."""
+    """Add ``worker``, ``enqueue``, ``schedule`` and ``jobs`` to the main app."""
     app.command("worker")(worker)
     app.command("enqueue")(enqueue)
     app.command("schedule")(schedule)
+    app.command("jobs")(jobs)

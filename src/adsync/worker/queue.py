@@ -22,6 +22,15 @@ from procrastinate.schema import SchemaManager
 
 from adsync.errors import StoreError, StoreUnavailable
 from adsync.store import SqlStore, local_owner_is_dead
+from adsync.worker.names import (
+    PRUNE_TASK,
+    QUEUE_MAINTENANCE,
+    QUEUE_SYNC,
+    RECOVER_TASK,
+    SCHEDULE_TASK,
+    SYNC_TASK,
+    account_lock,
+)
 
 __all__ = [
     "PRUNE_TASK",
@@ -44,20 +53,9 @@ __all__ = [
 
 log = structlog.get_logger("adsync.worker")
 
-QUEUE_SYNC: Final = "adsync-sync"
-QUEUE_MAINTENANCE: Final = "adsync-maintenance"
-SYNC_TASK: Final = "adsync.sync_account"
-SCHEDULE_TASK: Final = "adsync.schedule"
-RECOVER_TASK: Final = "adsync.recover_stalled"
-PRUNE_TASK: Final = "adsync.remove_old_jobs"
 # Only has to be the same in every adsync process and differ from the store's
 # migration lock (…01).
 _QUEUE_SCHEMA_LOCK: Final = 0x61_64_73_79_6E_63_02
-
-
-def account_lock(client_id: str) -> str:
-    """The lock and queueing lock of an account's sync jobs."""
-    return f"adsync:account:{client_id}"
 
 
 async def ensure_queue_schema(conninfo: str) -> bool:

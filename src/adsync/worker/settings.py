@@ -87,8 +87,9 @@ def queue_conninfo(database_url: str) -> str:
     """The libpq URL for Procrastinate; SQLite gets a :class:`ConfigError` saying why."""
     if database_url.startswith("sqlite"):
         raise ConfigError(
-            "adsync worker, enqueue and schedule need PostgreSQL (Procrastinate's job "
-            "queue does not run on SQLite): set DATABASE_URL=postgresql://USER@HOST/DB"
+            "adsync worker, enqueue, jobs and schedule --once need PostgreSQL "
+            "(Procrastinate's job queue does not run on SQLite): set "
+            "DATABASE_URL=postgresql://USER@HOST/DB"
         )
     scheme, sep, rest = database_url.partition("://")
     if not sep or not scheme.startswith(("postgresql", "postgres")):
