@@ -27,6 +27,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's plain help: a flag is shown as a flag (rich's panels show `--json
+    # <bool>`, a value the option refuses), and an option's help wraps whole
+    # words instead of cutting a variable name at the column's edge.
+    rich_markup_mode=None,
 )
 db.register(app)
 accounts.register(app)

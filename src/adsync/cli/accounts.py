@@ -16,7 +16,7 @@ from adsync.cli.common import DEFAULT_ACCOUNTS_FILE, AccountsOpt, VerboseOpt, er
 
 __all__ = ["accounts_app", "accounts_check", "accounts_list", "register"]
 
-accounts_app = typer.Typer(help="The accounts file.", no_args_is_help=True)
+accounts_app = typer.Typer(help="The accounts file.", no_args_is_help=True, rich_markup_mode=None)
 
 
 @accounts_app.command("list")

@@ -11,7 +11,7 @@ from adsync.cli.common import VerboseOpt, database_url, err, errors
 
 __all__ = ["db_app", "db_upgrade", "register"]
 
-db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True, rich_markup_mode=None)
 
 
 @db_app.command("upgrade")

@@ -30,7 +30,9 @@ __all__ = ["register", "runs_app", "runs_show", "status"]
 # Wide enough for the status table in a pipe or a file; a terminal keeps its own width.
 _PIPE_WIDTH = 200
 
-runs_app = typer.Typer(help="Inspect recorded sync runs.", no_args_is_help=True)
+runs_app = typer.Typer(
+    help="Inspect recorded sync runs.", no_args_is_help=True, rich_markup_mode=None
+)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of text.")]
 

@@ -1,4 +1,4 @@
-"""A faithful, hostile simulator of the ad platform of ``PLATFORM_API.md``.
+"""A faithful, hostile simulator of the ad platform of ``docs/platform-api.md``.
 
 It stands alone: nothing here imports the client side of adsync, so a bug the
 client and its test double might share cannot hide.

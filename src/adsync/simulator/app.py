@@ -1,4 +1,4 @@
-"""The simulated ad platform: a Starlette app implementing ``PLATFORM_API.md``.
+"""The simulated ad platform: a Starlette app implementing ``docs/platform-api.md``.
 
 Per ``/api/*`` request the order is the platform's: authenticate (401s are not
 counted), rate-limit (429s are not counted), count, then roll the faults.

@@ -147,7 +147,14 @@ def simulate(
         typer.Option(envvar=_env("max_page_size"), min=1, help="Largest limit a page honours."),
     ] = 100,
 ) -> None:
-    """Run the simulated ad platform (PLATFORM_API.md), production-like by default."""
+    """Run the simulated ad platform, production-like by default.
+
+    The platform's API as production behaves: 10 requests per sliding 60 s
+    window per client id (429 beyond, with a fixed retry_after of 60), 2 s
+    sync calls, 20% of list requests answered 503, 10% of requests never
+    answered, tokens valid for an hour. Every knob below makes it faster or
+    more hostile; the README's "The simulator" section has the details.
+    """
     try:
         config = build_config(
             host=host,

@@ -1,6 +1,6 @@
 """Every knob of the simulator, and the accounts it serves.
 
-Defaults equal the production platform of ``PLATFORM_API.md``; tests make it
+Defaults equal the production platform of ``docs/platform-api.md``; tests make it
 faster (small windows, short delays) or more hostile (extra fault kinds).
 """
 
