@@ -8,14 +8,52 @@ from __future__ import annotations
 
 import math
 from typing import Any
+from urllib.parse import quote
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adsync.errors import ConfigError
 from adsync.validation import describe_problems
 
 DEFAULT_DATABASE_URL = "sqlite:///adsync.db"
+
+# A PostgreSQL schema name that needs no quoting anywhere (unquoted, lower case).
+DB_SCHEMA_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"
+
+
+def db_schema_problem(database_url: str, schema: str | None) -> str | None:
+    """Why ``schema`` cannot apply to ``database_url``, or None."""
+    if schema is None:
+        return None
+    if not database_url.startswith(("postgresql", "postgres:")):
+        return "is for PostgreSQL only (SQLite has no schemas): unset it"
+    if "options=" in database_url.partition("?")[2]:
+        return "cannot be combined with an options parameter in DATABASE_URL: use one of them"
+    return None
+
+
+def with_db_schema(database_url: str, schema: str | None) -> str:
+    """``database_url`` with its connections' search_path set to ``schema`` (None: as it is).
+
+    libpq's ``options`` parameter, so every connection, SQLAlchemy's and
+    Procrastinate's alike, finds and creates its tables there.
+    """
+    problem = db_schema_problem(database_url, schema)
+    if problem is not None:
+        raise ConfigError(f"invalid configuration: ADSYNC_DB_SCHEMA {problem}")
+    if schema is None:
+        return database_url
+    joiner = "&" if "?" in database_url else "?"
+    return f"{database_url}{joiner}options={quote(f'-csearch_path={schema}', safe='')}"
 
 
 def _env(name: str) -> Any:
@@ -93,6 +131,11 @@ class Settings(BaseSettings):
     database_url: SecretStr = Field(
         default=SecretStr(DEFAULT_DATABASE_URL), validation_alias="DATABASE_URL"
     )
+    # Where adsync's tables (and the job queue's) live on PostgreSQL; unset, the
+    # server's search_path decides (public, normally).
+    db_schema: str | None = Field(
+        default=None, validation_alias="ADSYNC_DB_SCHEMA", pattern=DB_SCHEMA_PATTERN
+    )
     db_retry_attempts: int = Field(
         default=5, validation_alias="ADSYNC_DB_RETRY_ATTEMPTS", ge=1, le=100
     )
@@ -111,6 +154,22 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("db_schema")
+    @classmethod
+    def _db_schema(cls, value: str | None, info: ValidationInfo) -> str | None:
+        url = info.data.get("database_url")
+        if isinstance(url, SecretStr):
+            problem = db_schema_problem(url.get_secret_value(), value)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _db_url_in_schema(self) -> Settings:
+        url = self.database_url.get_secret_value()
+        self.database_url = SecretStr(with_db_schema(url, self.db_schema))
+        return self
 
     @field_validator("database_url")
     @classmethod

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from adsync.accounts import parse_accounts
 from adsync.cli import app
-from adsync.config import load_settings
+from adsync.config import load_settings, with_db_schema
 from adsync.errors import ConfigError
 from adsync.runner import pipeline_options
 from adsync.worker.settings import load_worker_settings
@@ -128,3 +128,35 @@ def test_the_resume_bound_is_an_hour_unless_set_and_is_bounded() -> None:
     for bad in ("0", "-5", "1e12", "inf"):
         with pytest.raises(ConfigError, match="ADSYNC_RESUME_WITHIN_SECONDS"):
             load_settings(**BASE, ADSYNC_RESUME_WITHIN_SECONDS=bad)
+
+
+def test_the_db_schema_sets_every_connections_search_path() -> None:
+    pg = "postgresql://adsync@db/adsync"
+    assert with_db_schema(pg, None) == pg
+    assert with_db_schema(pg, "ads") == f"{pg}?options=-csearch_path%3Dads"
+    assert with_db_schema(f"{pg}?sslmode=require", "ads").endswith(
+        "?sslmode=require&options=-csearch_path%3Dads"
+    )
+    settings = load_settings(
+        AD_PLATFORM_EMAIL="a@b.c", AD_PLATFORM_PASSWORD="x", DATABASE_URL=pg, ADSYNC_DB_SCHEMA="ads"
+    )
+    assert settings.database_url.get_secret_value() == f"{pg}?options=-csearch_path%3Dads"
+
+
+@pytest.mark.parametrize(
+    ("url", "schema", "why"),
+    [
+        ("sqlite:///a.db", "ads", "PostgreSQL only"),
+        ("postgresql://u@h/d?options=-cstatement_timeout%3D5", "ads", "options parameter"),
+        ("postgresql://u@h/d", "Ads; DROP", "ADSYNC_DB_SCHEMA"),
+    ],
+)
+def test_a_db_schema_that_cannot_work_is_refused_by_name(url: str, schema: str, why: str) -> None:
+    with pytest.raises(ConfigError, match="ADSYNC_DB_SCHEMA") as caught:
+        load_settings(
+            AD_PLATFORM_EMAIL="a@b.c",
+            AD_PLATFORM_PASSWORD="x",
+            DATABASE_URL=url,
+            ADSYNC_DB_SCHEMA=schema,
+        )
+    assert why.lower() in str(caught.value).lower()

@@ -91,12 +91,18 @@ def errors(verbose: bool) -> Iterator[None]:
 def database_url() -> str:
     """DATABASE_URL from the environment, else ``.env``, else the SQLite default.
 
-    Only DATABASE_URL: database commands must not require the platform credentials.
+    Only DATABASE_URL (and ADSYNC_DB_SCHEMA, folded into it): database commands
+    must not require the platform credentials.
     """
     from pydantic import Field, SecretStr, ValidationError
     from pydantic_settings import BaseSettings, SettingsConfigDict
 
-    from adsync.config import DEFAULT_DATABASE_URL, describe_validation_error
+    from adsync.config import (
+        DB_SCHEMA_PATTERN,
+        DEFAULT_DATABASE_URL,
+        describe_validation_error,
+        with_db_schema,
+    )
 
     class DatabaseSettings(BaseSettings):
         model_config = SettingsConfigDict(
@@ -106,11 +112,15 @@ def database_url() -> str:
         database_url: SecretStr = Field(
             default=SecretStr(DEFAULT_DATABASE_URL), validation_alias="DATABASE_URL"
         )
+        db_schema: str | None = Field(
+            default=None, validation_alias="ADSYNC_DB_SCHEMA", pattern=DB_SCHEMA_PATTERN
+        )
 
     try:
-        return DatabaseSettings().database_url.get_secret_value()
+        found = DatabaseSettings()
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc)) from None
+    return with_db_schema(found.database_url.get_secret_value(), found.db_schema)
 
 
 def open_store(url: str, **store_options: Any) -> SqlStore:

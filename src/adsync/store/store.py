@@ -166,6 +166,7 @@ class SqlStore(OneRunWrites):
         def migrate(conn: Connection) -> None:
             if not self._db.sqlite:
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_MIGRATION_LOCK)))
+                _create_search_path_schema(conn)
             cfg = Config()
             # Config values go through configparser interpolation.
             cfg.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
@@ -868,3 +869,18 @@ def _stamped(rows: list[dict[str, Any]], column: str, value: object) -> list[dic
 def _conforms(store: SqlStore) -> Store:
     # Lets mypy prove that SqlStore satisfies the Store protocol.
     return store
+
+
+def _create_search_path_schema(conn: Connection) -> None:
+    """Create the schema the connection's search_path names first, when none of it exists.
+
+    ADSYNC_DB_SCHEMA sets the search_path; the server's default one
+    (``"$user", public``) always has ``public``, so this is a no-op there.
+    """
+    if conn.execute(sa.text("SELECT current_schema()")).scalar() is not None:
+        return
+    path = str(conn.execute(sa.text("SELECT current_setting('search_path')")).scalar())
+    first = path.split(",", maxsplit=1)[0].strip().strip('"')
+    if first and first != "$user":
+        quoted = conn.dialect.identifier_preparer.quote_identifier(first)
+        conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {quoted}"))

@@ -14,6 +14,7 @@ from typing import Any, Final
 
 import procrastinate
 import psycopg
+import psycopg.sql
 import structlog
 from procrastinate import builtin_tasks
 from procrastinate import exceptions as pexc
@@ -68,6 +69,7 @@ async def ensure_queue_schema(conninfo: str) -> bool:
         conn = await psycopg.AsyncConnection.connect(conninfo, connect_timeout=10)
         async with conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_QUEUE_SCHEMA_LOCK,))
+            await _create_search_path_schema(conn)
             cursor = await conn.execute("SELECT to_regclass('procrastinate_jobs')")
             row = await cursor.fetchone()
             if row is not None and row[0] is not None:
@@ -76,6 +78,21 @@ async def ensure_queue_schema(conninfo: str) -> bool:
             return True
     except psycopg.Error as exc:
         raise StoreError(f"cannot prepare the job queue in PostgreSQL: {exc}") from exc
+
+
+async def _create_search_path_schema(conn: psycopg.AsyncConnection[Any]) -> None:
+    # As the store's migrations do: ADSYNC_DB_SCHEMA's schema is made on first use.
+    cursor = await conn.execute("SELECT current_schema()")
+    row = await cursor.fetchone()
+    if row is not None and row[0] is not None:
+        return
+    cursor = await conn.execute("SELECT current_setting('search_path')")
+    row = await cursor.fetchone()
+    first = str(row[0] if row else "").split(",")[0].strip().strip('"')
+    if first and first != "$user":
+        await conn.execute(
+            psycopg.sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(psycopg.sql.Identifier(first))
+        )
 
 
 async def defer_sync(
