@@ -73,6 +73,22 @@ def test_jobs_lists_waiting_jobs_as_text_and_json(tmp_path: Path, pg_url: str) -
     jobs = json.loads(as_json.stdout)["jobs"]
     assert [(j["client_id"], j["status"], j["attempts"]) for j in jobs] == [("on", "todo", 0)]
     assert set(jobs[0]) >= {"id", "client_id", "status", "queued_at", "scheduled_at", "attempts"}
+    # A job that failed is listed as such; one that succeeded is the run history's.
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE procrastinate_jobs SET status = 'doing'")
+        conn.execute("UPDATE procrastinate_jobs SET status = 'failed', attempts = 1")
+    failed = json.loads(adsync("jobs", "--json", env=env, cwd=tmp_path).stdout)["jobs"]
+    assert [(j["client_id"], j["status"], j["attempts"]) for j in failed] == [("on", "failed", 1)]
+    assert adsync("enqueue", "--client", "on", env=env, cwd=tmp_path).returncode == 0
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE procrastinate_jobs SET status = 'doing' WHERE status = 'todo'")
+        conn.execute("UPDATE procrastinate_jobs SET status = 'succeeded' WHERE status = 'doing'")
+    assert "no queued, running or failed jobs" not in adsync("jobs", env=env, cwd=tmp_path).stdout
+    statuses = [
+        j["status"]
+        for j in json.loads(adsync("jobs", "--json", env=env, cwd=tmp_path).stdout)["jobs"]
+    ]
+    assert statuses == ["failed"]
 
 
 def test_jobs_on_sqlite_says_it_needs_postgresql(tmp_path: Path) -> None:
