@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from adsync.auth import TokenProvider
 from adsync.clock import Clock
 from adsync.errors import AuthError, PermanentError, RateLimited, Stopped, TransientError
+from adsync.events import ClientCounters, RequestEvent
 from adsync.gate import SendGate
 from adsync.models import (
     Campaign,
@@ -37,6 +38,8 @@ log = structlog.get_logger("adsync.client")
 
 T = TypeVar("T")
 
+__all__ = ["ClientStats", "PlatformClient", "RequestEvent", "classify", "parse_page"]
+
 
 @dataclass(slots=True)
 class ClientStats:
@@ -47,15 +50,6 @@ class ClientStats:
     rate_limited: int = 0
     timeouts: int = 0
     by_status: Counter[str] = field(default_factory=Counter)
-
-
-@dataclass(frozen=True, slots=True)
-class RequestEvent:
-    """One attempt, as reported to observers (metrics): no secrets, bounded labels."""
-
-    endpoint: str  # "list" | "sync"
-    outcome: str  # HTTP status code, or "timeout" / "connection" / "invalid_json"
-    seconds: float
 
 
 def _same(text: str) -> str:
@@ -149,6 +143,22 @@ class PlatformClient:
         # Asked right before every send, after whatever wait came first; the
         # pipeline of the run puts its own here. This one never closes.
         self.gate = SendGate(clock)
+
+    def counters(self) -> ClientCounters:
+        """What this client sent, heard and waited so far."""
+        s = self.stats
+        return ClientCounters(
+            requests=s.requests,
+            retries=s.retries,
+            rate_limited=s.rate_limited,
+            timeouts=s.timeouts,
+            refreshes=self.auth.refreshes,
+            waited_seconds=self.budget.waited_seconds,
+        )
+
+    def seconds_for(self, requests: int) -> float:
+        """How long ``requests`` more requests take at the rate enforced now (an ETA)."""
+        return self.budget.seconds_for(requests)
 
     async def list_page(self, page: int, limit: int) -> Page:
         """One page of the campaign listing."""

@@ -13,7 +13,6 @@ import json
 import socket
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -21,8 +20,8 @@ from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
-from adsync.client import RequestEvent
 from adsync.errors import ConfigError
+from adsync.events import RequestEvent, RunTotals
 
 NAMESPACE = "adsync"
 
@@ -114,6 +113,10 @@ class Metrics:
             registry=r,
         )
 
+    def run_observer(self, client_id: str) -> RunMetrics:
+        """The observer of one run of ``client_id``."""
+        return RunMetrics(self, client_id)
+
     def observe_request(self, client_id: str, event: RequestEvent) -> None:
         """One attempt, as the client reports it."""
         self.requests.labels(client_id, event.endpoint, event.outcome).inc()
@@ -160,36 +163,41 @@ class WorkerMetrics:
         )
 
 
-@dataclass(slots=True)
-class Deltas:
-    """Turns a run's growing totals into counter increments."""
+class RunMetrics:
+    """The metrics of one account's run: a :class:`~adsync.events.RunObserver`.
 
-    retries: int = 0
-    refreshes: int = 0
-    waited: float = 0.0
-    synced: int = 0
-    failed: int = 0
+    Turns the run's growing totals into counter increments (counters only ever go up).
+    """
 
+    def __init__(self, metrics: Metrics, client_id: str) -> None:
+        self._metrics = metrics
+        self._client_id = client_id
+        self._seen = RunTotals()
 
-def add_totals(
-    metrics: Metrics,
-    client_id: str,
-    seen: Deltas,
-    *,
-    retries: int,
-    refreshes: int,
-    waited: float,
-    synced: int,
-    failed: int,
-) -> None:
-    """Add what grew since the last call (counters only ever go up)."""
-    metrics.retries.labels(client_id).inc(max(0, retries - seen.retries))
-    metrics.token_refreshes.labels(client_id).inc(max(0, refreshes - seen.refreshes))
-    metrics.rate_wait_seconds.labels(client_id).inc(max(0.0, waited - seen.waited))
-    metrics.campaigns_synced.labels(client_id).inc(max(0, synced - seen.synced))
-    metrics.campaigns_failed.labels(client_id).inc(max(0, failed - seen.failed))
-    seen.retries, seen.refreshes, seen.waited = retries, refreshes, waited
-    seen.synced, seen.failed = synced, failed
+    def run_started(self) -> None:
+        """One more run in progress."""
+        self._metrics.in_progress.inc()
+
+    def run_progressed(self, totals: RunTotals) -> None:
+        """Add what grew since the last call."""
+        m, client_id, seen = self._metrics, self._client_id, self._seen
+        m.retries.labels(client_id).inc(max(0, totals.retries - seen.retries))
+        m.token_refreshes.labels(client_id).inc(max(0, totals.refreshes - seen.refreshes))
+        m.rate_wait_seconds.labels(client_id).inc(
+            max(0.0, totals.waited_seconds - seen.waited_seconds)
+        )
+        m.campaigns_synced.labels(client_id).inc(max(0, totals.synced - seen.synced))
+        m.campaigns_failed.labels(client_id).inc(max(0, totals.failed - seen.failed))
+        self._seen = totals
+
+    def run_finished(self, status: str, seconds: float, finished_at: float) -> None:
+        """The run's end: its status, duration and (on success) when."""
+        m = self._metrics
+        m.in_progress.dec()
+        m.runs.labels(self._client_id, status).inc()
+        m.run_seconds.labels(self._client_id).set(seconds)
+        if status == "succeeded":
+            m.last_success.labels(self._client_id).set(finished_at)
 
 
 def check_port(port: int, option: str) -> None:

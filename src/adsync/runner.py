@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import httpx
 
 from adsync.auth import TokenProvider
-from adsync.client import PlatformClient, RequestEvent
+from adsync.client import PlatformClient
 from adsync.clock import Clock, SystemClock
 from adsync.config import Settings
 from adsync.errors import AdsyncError, AuthError, ConfigError
+from adsync.events import RequestEvent
 from adsync.exit_codes import (
     EXIT_AUTH,
     EXIT_CONFIG,
@@ -190,7 +191,7 @@ async def sync_account(
             options=pipeline_options(settings, accounts=accounts),
             stop=stop,
             on_progress=on_progress,
-            metrics=metrics,
+            observer=None if metrics is None else metrics.run_observer(settings.client_id),
             writer=writer,
         )
         try:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
-from adsync.client import PlatformClient
 from adsync.clock import Clock
 from adsync.errors import (
     AdsyncError,
@@ -28,8 +27,8 @@ from adsync.errors import (
     StoreUnavailable,
     UnusableToken,
 )
+from adsync.events import ClientCounters, RunObserver, RunTotals
 from adsync.gate import LEASE_NOT_RENEWED, LEASE_TAKEN, SIGNALLED, SendGate
-from adsync.metrics import Deltas, Metrics, add_totals
 from adsync.models import (
     Campaign,
     CampaignFailure,
@@ -39,14 +38,38 @@ from adsync.models import (
     RunStatus,
     RunWrite,
     SyncedCampaign,
+    SyncReceipt,
 )
 from adsync.owner import local_owner_is_dead
 from adsync.pagination import Accepted, Listing
 
 if TYPE_CHECKING:
-    from adsync.store import Store
+    from adsync.store.protocol import Store
 
 log = structlog.get_logger("adsync.sync")
+
+
+class Platform(Protocol):
+    """What the pipeline needs of the platform's client (:class:`~adsync.client.PlatformClient`)."""
+
+    # Asked right before each request leaves; the pipeline puts its own here.
+    gate: SendGate
+
+    async def list_page(self, page: int, limit: int) -> Page:
+        """One page of the campaign listing."""
+        ...
+
+    async def sync_campaign(self, campaign_id: str) -> SyncReceipt:
+        """Sync one campaign; raises when the platform did not."""
+        ...
+
+    def counters(self) -> ClientCounters:
+        """What the client sent, heard and waited so far."""
+        ...
+
+    def seconds_for(self, requests: int) -> float:
+        """How long ``requests`` more requests take at the rate enforced now."""
+        ...
 
 
 class RunWriter:
@@ -173,7 +196,6 @@ class PipelineOptions:
     lease_seconds: float = 120.0
     batch_size: int = 50
     batch_interval: float = 0.25
-    grace_seconds: float = 30.0
     # The longest one request may take (the request deadline): no request leaves
     # when less than this is left of the run's lease.
     request_seconds: float = 30.0
@@ -186,7 +208,7 @@ class SyncJob:
 
     def __init__(
         self,
-        client: PlatformClient,
+        client: Platform,
         store: Store,
         *,
         client_id: str,
@@ -195,13 +217,12 @@ class SyncJob:
         options: PipelineOptions,
         stop: asyncio.Event | None = None,
         on_progress: Callable[[RunProgress], None] | None = None,
-        metrics: Metrics | None = None,
+        observer: RunObserver | None = None,
         writer: RunWriter | None = None,
     ) -> None:
         self._client = client
-        self._metrics = metrics
+        self._observer = observer
         self._writer_for_runs = writer or RunWriter(store)
-        self._metric_totals = Deltas()
         self._store = store
         self._client_id = client_id
         self._owner = owner
@@ -275,8 +296,8 @@ class SyncJob:
         status = RunStatus.SUCCEEDED
         error: str | None = None
         fatal: BaseException | None = None
-        if self._metrics is not None:
-            self._metrics.in_progress.inc()
+        if self._observer is not None:
+            self._observer.run_started()
         try:
             await self._pipeline()
         except (AuthError, StoreError, PlatformError) as exc:
@@ -291,7 +312,7 @@ class SyncJob:
         except asyncio.CancelledError:
             status, error = RunStatus.INTERRUPTED, "stopped before finishing"
             await self._finish(status, error)
-            self._run_metrics(status, self._clock.monotonic() - started)
+            self._tell_finished(status, self._clock.monotonic() - started)
             raise
         if fatal is None:
             if self._stop.is_set():
@@ -319,7 +340,7 @@ class SyncJob:
             taken_over=self._taken_over,
         )
         self._emit(done=True)
-        self._run_metrics(status, outcome.seconds)
+        self._tell_finished(status, outcome.seconds)
         log.info(
             "run finished",
             status=status.value,
@@ -621,7 +642,7 @@ class SyncJob:
         return self._listing_done and self._queue.empty()
 
     def _counters_total(self) -> RunCounters:
-        s = self._client.stats
+        s = self._client.counters()
         b = self._base
         return RunCounters(
             seen=len(self._listing.seen_ids) + self._listing.items_without_id,
@@ -654,27 +675,21 @@ class SyncJob:
             self._taken_over = True
         return counters
 
-    def _run_metrics(self, status: RunStatus, seconds: float) -> None:
-        if self._metrics is None:
-            return
-        m = self._metrics
-        m.in_progress.dec()
-        m.runs.labels(self._client_id, status.value).inc()
-        m.run_seconds.labels(self._client_id).set(seconds)
-        if status is RunStatus.SUCCEEDED:
-            m.last_success.labels(self._client_id).set(self._clock.wall())
+    def _tell_finished(self, status: RunStatus, seconds: float) -> None:
+        if self._observer is not None:
+            self._observer.run_finished(status.value, seconds, self._clock.wall())
 
     def _emit(self, *, done: bool = False) -> None:
-        if self._metrics is not None:
-            add_totals(
-                self._metrics,
-                self._client_id,
-                self._metric_totals,
-                retries=self._client.stats.retries,
-                refreshes=self._client.auth.refreshes,
-                waited=self._client.budget.waited_seconds,
-                synced=self._counters.synced,
-                failed=self._counters.failed,
+        if self._observer is not None:
+            client = self._client.counters()
+            self._observer.run_progressed(
+                RunTotals(
+                    retries=client.retries,
+                    refreshes=client.refreshes,
+                    waited_seconds=client.waited_seconds,
+                    synced=self._counters.synced,
+                    failed=self._counters.failed,
+                )
             )
         if self._on_progress is None:
             return
@@ -687,7 +702,7 @@ class SyncJob:
             if not self._listing_done:
                 pages = -(-total // self._opt.page_size)
                 pages_left = max(0, pages - len(self._listing.pages_fetched))
-            eta = self._client.budget.seconds_for(remaining_syncs + pages_left)
+            eta = self._client.seconds_for(remaining_syncs + pages_left)
         self._on_progress(
             RunProgress(
                 client_id=self._client_id,

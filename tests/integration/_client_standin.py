@@ -13,14 +13,15 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import sqlalchemy as sa
 
-from adsync.client import ClientStats, PlatformClient
+from adsync.client import ClientStats
 from adsync.clock import Clock, SystemClock
 from adsync.config import sqlalchemy_url
+from adsync.events import ClientCounters
+from adsync.gate import SendGate
 from adsync.models import Campaign, ListedItem, Page, SyncReceipt
 from adsync.store import metadata
 from adsync.sync import PipelineOptions, RunProgress, SyncJob
@@ -55,11 +56,16 @@ class StandIn:
         self.synced_at = synced_at
         self.delay = delay
         self.stats = ClientStats()
-        self.auth = SimpleNamespace(refreshes=0)
-        self.budget = SimpleNamespace(waited_seconds=0.0, seconds_for=lambda _n: 0.0)
+        self.gate = SendGate(SystemClock())
         self.sync_calls: Counter[str] = Counter()
         # Set once this many sync calls have been answered (see stop_after).
         self.stop: tuple[asyncio.Event, int] | None = None
+
+    def counters(self) -> ClientCounters:
+        return ClientCounters(requests=self.stats.requests)
+
+    def seconds_for(self, requests: int) -> float:
+        return 0.0
 
     async def list_page(self, number: int, limit: int) -> Page:
         self.stats.requests += 1
@@ -90,7 +96,7 @@ def job(
 ) -> SyncJob:
     """A SyncJob over the stand-in, as ``adsync sync`` would build it."""
     return SyncJob(
-        cast(PlatformClient, platform),
+        platform,
         store,
         client_id=client_id,
         owner=owner,

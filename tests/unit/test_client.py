@@ -150,6 +150,10 @@ async def test_token_is_refreshed_before_it_expires() -> None:
     await client.list_page(1, 10)
     assert platform.tokens == 2
     assert client.auth.refreshes == 2
+    counters = client.counters()
+    assert counters.refreshes == 2
+    assert counters.requests == 3
+    assert counters.retries == 0
 
 
 async def test_a_401_refreshes_once_and_retries() -> None:

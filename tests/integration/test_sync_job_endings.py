@@ -13,8 +13,7 @@ import random
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import pytest
@@ -24,6 +23,8 @@ from adsync.auth import TokenProvider
 from adsync.client import ClientStats, PlatformClient, parse_page
 from adsync.clock import SystemClock
 from adsync.errors import AuthError, StoreError, TransientError
+from adsync.events import ClientCounters
+from adsync.gate import SendGate
 from adsync.models import (
     Campaign,
     ListedItem,
@@ -48,8 +49,7 @@ class ScriptedClient:
     def __init__(self, n: int = 40, *, delay: float = 0.01, page_size: int = 10) -> None:
         self.n, self.delay, self.page_size = n, delay, page_size
         self.stats = ClientStats()
-        self.auth = SimpleNamespace(refreshes=0)
-        self.budget = SimpleNamespace(waited_seconds=0.0, seconds_for=lambda _n: 0.0)
+        self.gate = SendGate(SystemClock())
         self.synced: list[str] = []
         self.pages_done: list[int] = []
         self.fail_sync: dict[str, BaseException] = {}
@@ -59,6 +59,12 @@ class ScriptedClient:
         self.extra: list[ListedItem] = []
         # Campaigns listed as they are given here instead of the plain ones.
         self.listed_as: dict[str, Campaign] = {}
+
+    def counters(self) -> ClientCounters:
+        return ClientCounters(requests=self.stats.requests)
+
+    def seconds_for(self, requests: int) -> float:
+        return 0.0
 
     async def list_page(self, number: int, limit: int) -> Page:
         self.stats.requests += 1
@@ -100,7 +106,7 @@ def job(
         **{"concurrency": 4, "lease_seconds": 30.0, "request_seconds": 0.1, **opts}
     )
     return SyncJob(
-        cast(PlatformClient, client),
+        client,
         store,
         client_id=client_id,
         owner=f"host:1:{client_id}",
