@@ -57,6 +57,7 @@ import structlog
 
 from adsync.clock import Clock
 from adsync.errors import StoreError
+from adsync.groupcommit import GroupCommit
 from adsync.sendlog import (
     Reservation,
     SendChange,
@@ -144,11 +145,13 @@ class LimitChange:
 class SendLogBatcher:
     """The way from the budgets of one process (one event loop) to a shared log.
 
-    Group commit: one batch is in the log at a time, in a worker thread; the
-    reservations (and the changes to our sends: moves, removals) that arrive
-    meanwhile wait and go together in the next batch, in the order they were
-    made. At low rates each reservation goes alone; under the load of many
-    accounts they share one transaction, so the cost per send falls as load rises.
+    Group commit (:class:`~adsync.groupcommit.GroupCommit`): one batch is in the
+    log at a time, in a worker thread; the reservations (and the changes to our
+    sends: moves, removals) that arrive meanwhile wait and go together in the next
+    batch, in the order they were made. At low rates each reservation goes alone;
+    under the load of many accounts they share one transaction, so the cost per
+    send falls as load rises. A batch the log refuses is refused to each of its
+    callers: the log is shared, so its failure is nobody's own.
 
     The batches go through a thread of the batcher's own, not the event loop's
     default executor: there, a sync's store writes queue up (100 accounts fill it)
@@ -157,18 +160,21 @@ class SendLogBatcher:
 
     def __init__(self, log: SharedSendLog) -> None:
         self.log = log
-        self._queue: list[tuple[SendRequest, asyncio.Future[Reservation]]] = []
-        self._changes: list[SendChange] = []
-        self._draining: asyncio.Task[None] | None = None
+        self._group: GroupCommit[SendRequest | SendChange, Reservation | None] = GroupCommit(
+            self._commit, name="rate-log"
+        )
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adsync-rate-log")
-        self.batches = 0
+
+    @property
+    def batches(self) -> int:
+        """Batches sent to the log so far."""
+        return self._group.batches
 
     async def reserve(self, request: SendRequest) -> Reservation:
         """The log's answer to ``request``; raises StoreError when it cannot be reached."""
-        answer: asyncio.Future[Reservation] = asyncio.get_running_loop().create_future()
-        self._queue.append((request, answer))
-        self._kick()
-        return await answer
+        answer = await self._group.submit(request)
+        assert answer is not None  # noqa: S101 - a request is always answered
+        return answer
 
     def change(self, change: SendChange) -> None:
         """Queue a change to one of our sends; it goes with the next batch."""
@@ -177,44 +183,26 @@ class SendLogBatcher:
         except RuntimeError:
             self._apply([], [change])  # no loop to wait on: apply it here and now
             return
-        self._changes.append(change)
-        self._kick()
+        self._group.post(change)
 
     async def flush(self) -> None:
         """Wait until everything queued so far has reached the log (or failed to)."""
-        while (task := self._draining) is not None and not task.done():
-            await asyncio.wait({task})
+        await self._group.flush()
 
     async def aclose(self) -> None:
         """Flush, then stop the batcher's thread."""
         await self.flush()
         self._thread.shutdown(wait=False)
 
-    def _kick(self) -> None:
-        if self._draining is None or self._draining.done():
-            self._draining = asyncio.get_running_loop().create_task(self._drain())
-
-    async def _drain(self) -> None:
-        while self._queue or self._changes:
-            batch, self._queue = self._queue, []
-            changes, self._changes = self._changes, []
-            self.batches += 1
-            try:
-                answers = await asyncio.get_running_loop().run_in_executor(
-                    self._thread, self._apply, [r for r, _ in batch], changes
-                )
-            except Exception as exc:  # noqa: BLE001 - every waiter gets it, as its own
-                for _, answer in batch:
-                    if not answer.done():
-                        answer.set_exception(exc)
-                continue
-            except BaseException:
-                for _, answer in batch:  # cancelled: the loop is going away
-                    answer.cancel()
-                raise
-            for (_, answer), reservation in zip(batch, answers, strict=True):
-                if not answer.done():  # its caller may have been cancelled meanwhile
-                    answer.set_result(reservation)
+    async def _commit(self, items: Sequence[SendRequest | SendChange]) -> list[Reservation | None]:
+        requests = [i for i in items if isinstance(i, SendRequest)]
+        changes = [i for i in items if not isinstance(i, SendRequest)]
+        answers = iter(
+            await asyncio.get_running_loop().run_in_executor(
+                self._thread, self._apply, requests, changes
+            )
+        )
+        return [next(answers) if isinstance(i, SendRequest) else None for i in items]
 
     def _apply(self, requests: list[SendRequest], changes: list[SendChange]) -> list[Reservation]:
         try:

@@ -9,7 +9,7 @@ that died is resumed by the next one without syncing anything twice.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
@@ -29,6 +29,7 @@ from adsync.errors import (
 )
 from adsync.events import ClientCounters, RunObserver, RunTotals
 from adsync.gate import LEASE_NOT_RENEWED, LEASE_TAKEN, SIGNALLED, SendGate
+from adsync.groupcommit import GroupCommit
 from adsync.models import (
     Campaign,
     CampaignFailure,
@@ -75,75 +76,32 @@ class Platform(Protocol):
 class RunWriter:
     """Writes what the runs of a process have ready, many runs per transaction.
 
-    Group commit: while one transaction is under way, whatever other runs hand
-    in waits and goes into the next one, so 100 accounts cost about as many
-    transactions as one. Each caller returns once its own part is committed
-    (or gets the store's error), so a run never counts as written what is not.
-    When a shared transaction fails for a reason other than the database being
-    unreachable (data one run brought), each part is written again alone, so
-    that only the run whose part fails gets the error.
+    Group commit (:class:`~adsync.groupcommit.GroupCommit`): while one transaction
+    is under way, whatever other runs hand in waits and goes into the next one, so
+    100 accounts cost about as many transactions as one. Each caller returns once
+    its own part is committed (or gets the store's error), so a run never counts as
+    written what is not. When a shared transaction fails for a reason other than
+    the database being unreachable (data one run brought), each part is written
+    again alone, so that only the run whose part fails gets the error.
     """
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._pending: list[tuple[RunWrite, asyncio.Future[None]]] = []
-        self._busy = False
+        self._group: GroupCommit[RunWrite, None] = GroupCommit(
+            self._commit, alone=_one_parts_fault, name="run-writer"
+        )
 
     async def write(self, part: RunWrite) -> None:
         """Commit ``part`` (with whatever else is waiting); raise the store's error."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        # A caller stopped while its part is being committed is no longer there
-        # to read the outcome: the error is marked read, not logged at exit.
-        future.add_done_callback(_mark_read)
-        self._pending.append((part, future))
-        if not self._busy:
-            self._busy = True
-            asyncio.get_running_loop().create_task(self._drain(), name="run-writer")
-        await asyncio.shield(future)
+        await self._group.submit(part)
 
-    async def _drain(self) -> None:
-        try:
-            while self._pending:
-                taken, self._pending = self._pending, []
-                try:
-                    await asyncio.to_thread(self._store.write_runs, [p for p, _ in taken])
-                except StoreError as exc:
-                    if len(taken) > 1 and not isinstance(exc, StoreUnavailable):
-                        for one in taken:
-                            await self._write_alone(one)
-                    else:
-                        _settle(taken, exc)
-                except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
-                    _settle(taken, exc)
-                else:
-                    _settle(taken, None)
-        finally:
-            self._busy = False
-
-    async def _write_alone(self, one: tuple[RunWrite, asyncio.Future[None]]) -> None:
-        try:
-            await asyncio.to_thread(self._store.write_runs, [one[0]])
-        except Exception as exc:  # noqa: BLE001 - handed to its caller
-            _settle([one], exc)
-        else:
-            _settle([one], None)
+    async def _commit(self, parts: Sequence[RunWrite]) -> list[None]:
+        await asyncio.to_thread(self._store.write_runs, parts)
+        return [None] * len(parts)
 
 
-def _mark_read(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-def _settle(
-    waiting: list[tuple[RunWrite, asyncio.Future[None]]], error: BaseException | None
-) -> None:
-    for _, future in waiting:
-        if future.done():
-            continue
-        if error is None:
-            future.set_result(None)
-        else:
-            future.set_exception(error)
+def _one_parts_fault(exc: Exception) -> bool:
+    return isinstance(exc, StoreError) and not isinstance(exc, StoreUnavailable)
 
 
 class Nudge:
