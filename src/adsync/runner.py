@@ -36,8 +36,9 @@ from adsync.observability import REDACTOR
 from adsync.owner import make_owner
 from adsync.ratelimit import Margin, RateBudget, SendLogBatcher
 from adsync.retry import RetryPolicy
+from adsync.runtime import ProcessRuntime
 from adsync.store import Store
-from adsync.sync import PipelineOptions, RunProgress, RunWriter, SyncJob, SyncOutcome
+from adsync.sync import PipelineOptions, RunProgress, SyncJob, SyncOutcome
 
 
 @functools.cache
@@ -151,19 +152,17 @@ async def sync_account(
     on_progress: Callable[[RunProgress], None] | None = None,
     metrics: Metrics | None = None,
     owner: str | None = None,
-    send_log: SendLogBatcher | None = None,
-    margin: Margin | None = None,
-    writer: RunWriter | None = None,
+    runtime: ProcessRuntime | None = None,
     accounts: int = 1,
 ) -> SyncOutcome:
     """Sync every campaign of the account described by ``settings``.
 
     With ``AD_PLATFORM_SHARED_BUDGET`` on (the default) the rate budget is shared,
     through the store's ``rate_sends`` table, with every process syncing the same
-    client id; pass one ``send_log`` to all the accounts of a process so that their
-    reservations share transactions, one ``margin`` so that what one account
-    learns about arrival jitter protects them all, and one ``writer`` so that their
-    writes share transactions.
+    client id. Pass the process's ``runtime`` to every account it syncs so that
+    their reservations and their writes share transactions and what one account
+    learns about arrival jitter protects them all; without it, the sync builds
+    one of its own.
     """
     clock = clock or SystemClock()
     observe: Callable[[RequestEvent], None] | None = None
@@ -174,13 +173,19 @@ async def sync_account(
             metrics.observe_request(client_id, event)
 
     owner = owner or make_owner()
-    shared: SendLogBatcher | None = None
-    own_log: SendLogBatcher | None = None
-    if settings.shared_budget:
-        shared = send_log or (own_log := SendLogBatcher(store.send_log()))
+    own: ProcessRuntime | None = None
+    if runtime is None:
+        runtime = own = ProcessRuntime(store, rate_margin=settings.rate_margin)
+    shared = runtime.send_log if settings.shared_budget else None
     async with build_http(settings) as http:
         client = build_client(
-            settings, http, clock, observe=observe, shared=shared, owner=owner, margin=margin
+            settings,
+            http,
+            clock,
+            observe=observe,
+            shared=shared,
+            owner=owner,
+            margin=runtime.margin,
         )
         job = SyncJob(
             client,
@@ -192,15 +197,15 @@ async def sync_account(
             stop=stop,
             on_progress=on_progress,
             observer=None if metrics is None else metrics.run_observer(settings.client_id),
-            writer=writer,
+            writer=runtime.writer,
         )
         try:
             return await job.run()
         finally:
             # Refused sends leave the shared log before we go, or others wait for them.
             await client.budget.flush()
-            if own_log is not None:
-                await own_log.aclose()
+            if own is not None:
+                await own.aclose()
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,16 +258,17 @@ async def sync_many(
     on_progress: Callable[[RunProgress], None] | None = None,
     metrics: Metrics | None = None,
     signalled: Callable[[], int | None] = lambda: None,
+    runtime: ProcessRuntime | None = None,
 ) -> list[AccountResult]:
     """Sync several accounts side by side, each with its own token, budget and run.
 
     One account failing (credentials refused, platform down for it, its run held
-    by another process) neither stops nor slows the others.
+    by another process) neither stops nor slows the others. They all share the
+    process's ``runtime``; without one, it is built here and closed at the end.
     """
-    # One way to the shared rate log for all the accounts: their sends share transactions.
-    send_log = SendLogBatcher(store.send_log())
-    margin = Margin(settings_list[0].rate_margin) if settings_list else None
-    writer = RunWriter(store)
+    own: ProcessRuntime | None = None
+    if runtime is None:
+        runtime = own = ProcessRuntime(store, rate_margin=process_rate_margin(settings_list))
 
     async def one(settings: Settings) -> AccountResult:
         try:
@@ -273,9 +279,7 @@ async def sync_many(
                 stop=stop,
                 on_progress=on_progress,
                 metrics=metrics,
-                send_log=send_log,
-                margin=margin,
-                writer=writer,
+                runtime=runtime,
                 accounts=len(settings_list),
             )
         except ConfigError as exc:
@@ -296,4 +300,14 @@ async def sync_many(
     try:
         return list(await asyncio.gather(*tasks))
     finally:
-        await send_log.aclose()
+        if own is not None:
+            await own.aclose()
+
+
+def process_rate_margin(settings_list: list[Settings]) -> float:
+    """The jitter margin a process starts from: the widest its accounts' settings ask for.
+
+    ``AD_PLATFORM_RATE_MARGIN`` is a process setting (the accounts file cannot set
+    it), so the accounts agree; the widest is the safe choice if they do not.
+    """
+    return max((s.rate_margin for s in settings_list), default=Margin().fraction)

@@ -400,9 +400,11 @@ async def test_the_jobs_of_a_worker_share_one_writer_rate_log_and_margin(
         await runtime.aclose()
         store.dispose()
     assert len(calls) == 2
+    # One process runtime for every job: its writer, rate log and margin.
+    assert calls[0]["runtime"] is calls[1]["runtime"] is runtime.process
     for key in ("writer", "send_log", "margin"):
-        assert calls[0][key] is not None
-        assert calls[0][key] is calls[1][key] is getattr(runtime, key)
+        assert getattr(calls[0]["runtime"], key) is not None
+        assert getattr(calls[0]["runtime"], key) is getattr(calls[1]["runtime"], key)
     assert calls[0]["accounts"] == 4
 
 

@@ -134,6 +134,7 @@ def worker(
                 worker_metrics=WorkerMetrics(metrics.registry),
                 poll_seconds=settings.poll_seconds,
                 db_patience=settings.db_patience_seconds,
+                rate_margin=settings.rate_margin,
             )
             # An account whose secret is missing here is reported now, not when its
             # job comes: its jobs go back to the queue for the other workers.

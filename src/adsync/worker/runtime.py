@@ -1,4 +1,4 @@
-"""What the jobs of one worker process share: store, writer, rate log, stop signals, accounts.
+"""What the jobs of one worker process share: store, process runtime, stop signals, accounts.
 
 Built once per process at the edge (``adsync worker``) and handed to every job
 through Procrastinate's job context.
@@ -22,10 +22,11 @@ from adsync.accounts import load_accounts, select
 from adsync.errors import ConfigError
 from adsync.metrics import Metrics, WorkerMetrics
 from adsync.observability import REDACTOR
-from adsync.ratelimit import Margin, SendLogBatcher
+from adsync.ratelimit import Margin
 from adsync.runner import sync_account
+from adsync.runtime import ProcessRuntime
 from adsync.store import SqlStore
-from adsync.sync import RunWriter, SyncOutcome
+from adsync.sync import SyncOutcome
 from adsync.worker.policy import JobRetryPolicy
 
 __all__ = [
@@ -94,9 +95,9 @@ class WorkerRuntime:
     # How many syncs may run at once here; their writes and their reservations in
     # the shared rate log go together, many per transaction, as in `sync --all`.
     concurrency: int = 1
-    # What one job learns about arrival jitter protects the others (made by the
-    # first job, from its account's configured margin).
-    margin: Margin | None = None
+    # The process's jitter margin to start from (AD_PLATFORM_RATE_MARGIN); what
+    # one job learns about arrival jitter then protects the others.
+    rate_margin: float = Margin().fraction
     # How often a job whose run another process holds looks whether it has ended.
     poll_seconds: float = 5.0
     # Enabled accounts this worker cannot serve (a secret it cannot read), with why.
@@ -109,8 +110,8 @@ class WorkerRuntime:
     sync: SyncAccount = sync_account
     # The store the runs use: ``store``, or one that waits out outages (db_patience).
     runs_store: SqlStore = field(init=False)
-    writer: RunWriter = field(init=False)
-    send_log: SendLogBatcher = field(init=False)
+    # The rate log's batcher, the margin and the run writer every job shares.
+    process: ProcessRuntime = field(init=False)
     # Each running sync has its own stop event: a run that loses its lease sets its
     # own, which must not stop the other accounts' runs.
     _running: dict[asyncio.Task[Any], asyncio.Event] = field(default_factory=dict)
@@ -125,10 +126,9 @@ class WorkerRuntime:
                 patience=self.db_patience,
                 sleep=self._wait_for_database,
             )
-        self.writer = RunWriter(self.runs_store)
-        # Not patient: a shared rate log that does not answer is replaced at once by
-        # this process's own pacing.
-        self.send_log = SendLogBatcher(self.store.send_log())
+        self.process = ProcessRuntime(
+            self.store, rate_margin=self.rate_margin, runs_store=self.runs_store
+        )
 
     def _wait_for_database(self, seconds: float) -> None:
         self._waits_over.wait(seconds)
@@ -176,7 +176,7 @@ class WorkerRuntime:
     async def aclose(self) -> None:
         """Stop the rate log's thread (after the last job); waits for the database end."""
         self._waits_over.set()
-        await self.send_log.aclose()
+        await self.process.aclose()
 
     def stop_gracefully(self) -> None:
         """No new sync calls in any running job; in-flight calls finish, runs stay resumable."""

@@ -47,6 +47,11 @@ class WorkerSettings(BaseSettings):
     db_patience_seconds: float = Field(
         default=300.0, validation_alias="ADSYNC_WORKER_DB_PATIENCE_SECONDS", ge=0, le=MAX_SECONDS
     )
+    # The jitter margin the worker's rate budgets start from, as for `adsync sync`:
+    # one for the process, whichever account runs first.
+    rate_margin: float = Field(
+        default=0.01, validation_alias="AD_PLATFORM_RATE_MARGIN", ge=0, le=0.5
+    )
     # Finished jobs (and their events) older than this are deleted, hourly.
     job_retention_hours: int = Field(
         default=72, validation_alias="ADSYNC_JOB_RETENTION_HOURS", ge=1, le=87_600

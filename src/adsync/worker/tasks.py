@@ -59,7 +59,6 @@ from adsync.config import Settings
 from adsync.errors import ConfigError, JobFailed, RunLocked, StoreUnavailable
 from adsync.models import RunStatus
 from adsync.observability import REDACTOR
-from adsync.ratelimit import Margin
 from adsync.store import SqlStore, local_owner_is_dead, make_owner
 from adsync.sync import SyncOutcome
 from adsync.worker.policy import Action, Decision, decide_next
@@ -226,8 +225,6 @@ class _Attempt:
         if isinstance(settings, Decision):
             return settings
         rt = self.runtime
-        if rt.margin is None:
-            rt.margin = Margin(settings.rate_margin)
         error: BaseException | None = None
         try:
             ended = await self._ended_already()
@@ -241,9 +238,7 @@ class _Attempt:
                         stop=self.stop,
                         metrics=rt.metrics,
                         owner=job_owner(self.job_id),
-                        send_log=rt.send_log,
-                        margin=rt.margin,
-                        writer=rt.writer,
+                        runtime=rt.process,
                         accounts=rt.concurrency,
                     )
                 except RunLocked:
