@@ -1,6 +1,6 @@
 """SIGINT / SIGTERM to a running ``adsync sync``: a graceful, bounded, resumable stop.
 
-The first signal stops new sync calls and gives the ones in flight a grace period
+The first signal stops new platform requests and gives the ones in flight a grace period
 (the request deadline); the run is recorded ``interrupted`` and the next sync
 resumes it. A second signal stops at once.
 """
@@ -74,7 +74,7 @@ def test_sigterm_mid_run_is_exit_143_interrupted_and_resumed_exactly_once(
     assert code == 143, sync.stderr[-3000:]
     assert seconds < grace + SHUTDOWN
     said = flat(sync.stderr)
-    assert "stopping: no new sync calls" in said
+    assert "stopping: no new platform requests; those in flight may finish" in said
     assert "interrupted client ops" in said
     assert (run.status, bool(run.resumable)) == ("interrupted", True)
     assert "stopped by a signal" in run.error

@@ -160,7 +160,10 @@ def run_with_signals(
         def on_signal(signum: int) -> None:
             received.append(signum)
             if len(received) == 1:
-                err.print("[yellow]stopping: no new sync calls; a second signal stops at once[/]")
+                err.print(
+                    "[yellow]stopping: no new platform requests; those in flight may finish; "
+                    "a second signal stops at once[/]"
+                )
                 stop.set()
                 loop.call_later(grace_seconds, task.cancel)
             else:

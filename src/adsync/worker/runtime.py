@@ -179,7 +179,7 @@ class WorkerRuntime:
         await self.process.aclose()
 
     def stop_gracefully(self) -> None:
-        """No new sync calls in any running job; in-flight calls finish, runs stay resumable."""
+        """No new platform requests in any running job; those in flight finish; runs resumable."""
         self.stopping.set()
         for event in self._running.values():
             event.set()
