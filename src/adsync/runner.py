@@ -48,6 +48,15 @@ def _tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
+def tls_verify(api_url: str) -> ssl.SSLContext | bool:
+    """How the HTTP client of ``api_url`` verifies TLS: the process's one context for
+    https; for plain http no context at all (redirects are not followed, so a
+    plain-http client never speaks TLS and need not load the CA bundle)."""
+    if httpx.URL(api_url).scheme == "https":
+        return _tls_context()
+    return False
+
+
 def build_http(settings: Settings) -> httpx.AsyncClient:
     """The one HTTP client of an account, with a timeout on every phase."""
     timeout = httpx.Timeout(
@@ -61,7 +70,7 @@ def build_http(settings: Settings) -> httpx.AsyncClient:
         limits=limits,
         headers={"User-Agent": "adsync"},
         follow_redirects=False,
-        verify=_tls_context(),
+        verify=tls_verify(settings.api_url),
     )
 
 
