@@ -34,11 +34,12 @@ from adsync.metrics import Metrics
 from adsync.models import RunStatus
 from adsync.observability import REDACTOR
 from adsync.owner import make_owner
+from adsync.progress import RunProgress
 from adsync.ratelimit import Margin, RateBudget, SendLogBatcher
 from adsync.retry import RetryPolicy
 from adsync.runtime import ProcessRuntime
 from adsync.store import Store
-from adsync.sync import PipelineOptions, RunProgress, SyncJob, SyncOutcome
+from adsync.sync import PipelineOptions, SyncJob, SyncOutcome
 
 
 @functools.cache

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from adsync.ratelimit import Margin, SendLogBatcher
-from adsync.sync import RunWriter
+from adsync.runwriter import RunWriter
 
 if TYPE_CHECKING:
     from adsync.store.protocol import Store

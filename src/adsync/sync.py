@@ -9,7 +9,7 @@ that died is resumed by the next one without syncing anything twice.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
@@ -29,7 +29,6 @@ from adsync.errors import (
 )
 from adsync.events import ClientCounters, RunObserver, RunTotals
 from adsync.gate import LEASE_NOT_RENEWED, LEASE_TAKEN, SIGNALLED, SendGate
-from adsync.groupcommit import GroupCommit
 from adsync.models import (
     Campaign,
     CampaignFailure,
@@ -43,9 +42,20 @@ from adsync.models import (
 )
 from adsync.owner import local_owner_is_dead
 from adsync.pagination import Accepted, Listing
+from adsync.progress import RunProgress, requests_left
+from adsync.runwriter import RunWriter
 
 if TYPE_CHECKING:
     from adsync.store.protocol import Store
+
+__all__ = [
+    "PipelineOptions",
+    "Platform",
+    "RunProgress",
+    "RunWriter",
+    "SyncJob",
+    "SyncOutcome",
+]
 
 log = structlog.get_logger("adsync.sync")
 
@@ -73,57 +83,11 @@ class Platform(Protocol):
         ...
 
 
-class RunWriter:
-    """Writes what the runs of a process have ready, many runs per transaction.
-
-    Group commit (:class:`~adsync.groupcommit.GroupCommit`): while one transaction
-    is under way, whatever other runs hand in waits and goes into the next one, so
-    100 accounts cost about as many transactions as one. Each caller returns once
-    its own part is committed (or gets the store's error), so a run never counts as
-    written what is not. When a shared transaction fails for a reason other than
-    the database being unreachable (data one run brought), each part is written
-    again alone, so that only the run whose part fails gets the error.
-    """
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._group: GroupCommit[RunWrite, None] = GroupCommit(
-            self._commit, alone=_one_parts_fault, name="run-writer"
-        )
-
-    async def write(self, part: RunWrite) -> None:
-        """Commit ``part`` (with whatever else is waiting); raise the store's error."""
-        await self._group.submit(part)
-
-    async def _commit(self, parts: Sequence[RunWrite]) -> list[None]:
-        await asyncio.to_thread(self._store.write_runs, parts)
-        return [None] * len(parts)
-
-
-def _one_parts_fault(exc: Exception) -> bool:
-    return isinstance(exc, StoreError) and not isinstance(exc, StoreUnavailable)
-
-
 class Nudge:
     """Tells the writer that failures wait to be written."""
 
 
 NUDGE = Nudge()
-
-
-@dataclass(frozen=True, slots=True)
-class RunProgress:
-    """A snapshot of a run for progress displays and logs."""
-
-    client_id: str
-    run_id: str
-    total: int | None
-    synced: int
-    failed: int
-    requests: int
-    rate_limited: int
-    eta_seconds: float | None
-    done: bool = False
 
 
 @dataclass(slots=True)
@@ -653,14 +617,15 @@ class SyncJob:
             return
         c = self._counters_total()
         total = self._listing.total
-        eta = None
-        if total is not None:
-            remaining_syncs = max(0, total - c.synced - c.failed)
-            pages_left = 0
-            if not self._listing_done:
-                pages = -(-total // self._opt.page_size)
-                pages_left = max(0, pages - len(self._listing.pages_fetched))
-            eta = self._client.seconds_for(remaining_syncs + pages_left)
+        left = requests_left(
+            total,
+            synced=c.synced,
+            failed=c.failed,
+            page_size=self._opt.page_size,
+            pages_fetched=len(self._listing.pages_fetched),
+            listing_done=self._listing_done,
+        )
+        eta = None if left is None else self._client.seconds_for(left)
         self._on_progress(
             RunProgress(
                 client_id=self._client_id,

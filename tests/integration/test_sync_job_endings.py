@@ -37,8 +37,9 @@ from adsync.models import (
 )
 from adsync.ratelimit import RateBudget
 from adsync.retry import RetryPolicy
+from adsync.runwriter import RunWriter
 from adsync.store import SqlStore
-from adsync.sync import PipelineOptions, RunWriter, SyncJob
+from adsync.sync import PipelineOptions, SyncJob
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from adsync.errors import StoreUnavailable
 from adsync.models import RunWrite
-from adsync.sync import RunWriter
+from adsync.runwriter import RunWriter
 
 
 class OutageStore:
